@@ -1,0 +1,1 @@
+"""The RL math: pure functions over arrays, no model, no I/O."""
