@@ -1,0 +1,417 @@
+"""Flax Linen decoder for the Llama / Mistral / Qwen2 / Qwen3 family, plus a scalar head.
+
+Shape letters: B batch, T query length, S key/cache length, D embed, H query heads,
+K key/value heads, G query heads per kv head (H // K), E head dim, F mlp, V vocab, L layers.
+
+The model names only logical axes (`batch, length, embed, heads, kv_heads, head_dim, mlp,
+vocab, layers`); `sharding.py` maps them to mesh axes.
+
+One attention code path serves training, prefill and decoding: queries sit at cache slots
+`cache_index + arange(T)`, keys at slots `arange(S)`, and a key is visible when its slot is
+valid (`kv_mask_BxS`), not after the query's slot, and inside the sliding window if any.
+Without a cache S = T and `cache_index` = 0, which is plain causal attention with padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+
+Cache = dict[str, jax.Array]  # {"k": [L,B,S,K,E], "v": [L,B,S,K,E]}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and numerics of a decoder; hashable so it can be a static jit argument."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    model_type: str = "llama"
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # "default" | "linear" | "llama3"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has q/k/v biases
+    qk_norm: bool = False  # Qwen3 normalises q and k per head before RoPE
+    sliding_window: int | None = None
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # one of REMAT_POLICIES
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not supported; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}."
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})."
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} is not one of {REMAT_POLICIES}.")
+        if self.rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(
+                f"rope_type {self.rope_type!r} is not supported; use default, linear or llama3."
+            )
+        for field in ("dtype", "param_dtype"):
+            if getattr(self, field) not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"{field} must be float32, bfloat16 or float16.")
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse RoPE frequencies [E/2], with linear or Llama-3 scaling (HF `rope_init_fn`s)."""
+    exponents = np.arange(0, config.head_dim, 2, dtype=np.float32) / config.head_dim
+    inv_freq = (1.0 / (config.rope_theta**exponents)).astype(np.float32)
+    if config.rope_type == "linear":
+        return inv_freq / config.rope_factor
+    if config.rope_type == "llama3":
+        # Llama 3.1: leave high frequencies, divide low ones by `factor`, blend in between.
+        old_len = config.rope_original_max_position
+        low_wavelen = old_len / config.rope_low_freq_factor
+        high_wavelen = old_len / config.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / config.rope_factor, inv_freq)
+        smooth = (old_len / wavelen - config.rope_low_freq_factor) / (
+            config.rope_high_freq_factor - config.rope_low_freq_factor
+        )
+        blended = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return np.where(medium, blended, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(positions_BxT: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos and sin tables [B,T,E] for the half-rotation convention of HF Llama."""
+    angles_BxTxE2 = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(config)
+    angles_BxTxE = jnp.concatenate([angles_BxTxE2, angles_BxTxE2], axis=-1)
+    return jnp.cos(angles_BxTxE), jnp.sin(angles_BxTxE)
+
+
+def apply_rope(x_BxTxNxE: jax.Array, cos_BxTxE: jax.Array, sin_BxTxE: jax.Array) -> jax.Array:
+    """x·cos + rotate_half(x)·sin, computed in fp32 and cast back."""
+    x = x_BxTxNxE.astype(jnp.float32)
+    first, second = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    out = x * cos_BxTxE[:, :, None, :] + rotated * sin_BxTxE[:, :, None, :]
+    return out.astype(x_BxTxNxE.dtype)
+
+
+def attention_mask(
+    kv_mask_BxS: jax.Array, cache_index: jax.Array | int, num_queries: int, sliding_window: int | None
+) -> jax.Array:
+    """Boolean [B,T,S]: key slot valid, not after the query slot, inside the window."""
+    query_slot_T = cache_index + jnp.arange(num_queries)
+    key_slot_S = jnp.arange(kv_mask_BxS.shape[1])
+    visible_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
+    if sliding_window is not None:
+        visible_TxS &= query_slot_T[:, None] - key_slot_S[None, :] < sliding_window
+    return visible_TxS[None] & kv_mask_BxS[:, None, :].astype(bool)
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+def _kernel_init(config: ModelConfig, names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), names)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · scale, with the statistics in fp32 (as HF does)."""
+
+    eps: float
+    dtype: str
+    param_dtype: str
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],),
+            _dtype(self.param_dtype),
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(_dtype(self.dtype)) * normed.astype(_dtype(self.dtype))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE, optional qkv bias and q/k norm, and a KV cache."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_BxTxS, layer_cache, cache_index):
+        cfg = self.config
+        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+
+        def projection(name, heads, head_axis):
+            return nn.DenseGeneral(
+                features=(heads, cfg.head_dim),
+                use_bias=cfg.attention_bias,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=_kernel_init(cfg, ("embed", head_axis, "head_dim")),
+                bias_init=nn.with_logical_partitioning(
+                    nn.initializers.zeros, (head_axis, "head_dim")
+                ),
+                name=name,
+            )
+
+        q_BxTxHxE = projection("q_proj", cfg.num_heads, "heads")(x_BxTxD)
+        k_BxTxKxE = projection("k_proj", cfg.num_kv_heads, "kv_heads")(x_BxTxD)
+        v_BxTxKxE = projection("v_proj", cfg.num_kv_heads, "kv_heads")(x_BxTxD)
+        if cfg.qk_norm:
+            norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+            q_BxTxHxE = RMSNorm(**norm, axis_name="head_dim", name="q_norm")(q_BxTxHxE)
+            k_BxTxKxE = RMSNorm(**norm, axis_name="head_dim", name="k_norm")(k_BxTxKxE)
+        q_BxTxHxE = apply_rope(q_BxTxHxE, cos_BxTxE, sin_BxTxE)
+        k_BxTxKxE = apply_rope(k_BxTxKxE, cos_BxTxE, sin_BxTxE)
+        q_BxTxHxE = nn.with_logical_constraint(q_BxTxHxE, ("batch", "length", "heads", "head_dim"))
+
+        if layer_cache is None:
+            k_BxSxKxE, v_BxSxKxE, new_cache = k_BxTxKxE, v_BxTxKxE, None
+        else:
+            start = (0, cache_index, 0, 0)
+            k_BxSxKxE = jax.lax.dynamic_update_slice(
+                layer_cache["k"], k_BxTxKxE.astype(layer_cache["k"].dtype), start
+            )
+            v_BxSxKxE = jax.lax.dynamic_update_slice(
+                layer_cache["v"], v_BxTxKxE.astype(layer_cache["v"].dtype), start
+            )
+            new_cache = {"k": k_BxSxKxE, "v": v_BxSxKxE}
+        kv_axes = ("batch", "length", "kv_heads", "head_dim")
+        k_BxSxKxE = nn.with_logical_constraint(k_BxSxKxE, kv_axes)
+        v_BxSxKxE = nn.with_logical_constraint(v_BxSxKxE, kv_axes)
+
+        B, T, H, E = q_BxTxHxE.shape
+        K = cfg.num_kv_heads
+        q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
+        scores_BxKxGxTxS = jnp.einsum(
+            "btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE.astype(dtype),
+            preferred_element_type=jnp.float32,
+        ) / math.sqrt(E)
+        # A finite fill keeps fully masked rows (padding queries) finite instead of NaN.
+        scores_BxKxGxTxS = jnp.where(
+            mask_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min
+        )
+        probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
+        out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs_BxKxGxTxS, v_BxSxKxE.astype(dtype))
+        out_BxTxHxE = out_BxTxKxGxE.reshape(B, T, H, E)
+        out_BxTxD = nn.DenseGeneral(
+            features=cfg.hidden_size,
+            axis=(-2, -1),
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=_kernel_init(cfg, ("heads", "head_dim", "embed")),
+            name="o_proj",
+        )(out_BxTxHxE)
+        return out_BxTxD, new_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) · up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD):
+        cfg = self.config
+        dense = dict(use_bias=False, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype))
+        gate_BxTxF = nn.Dense(
+            cfg.intermediate_size, kernel_init=_kernel_init(cfg, ("embed", "mlp")),
+            name="gate_proj", **dense,
+        )(x_BxTxD)
+        up_BxTxF = nn.Dense(
+            cfg.intermediate_size, kernel_init=_kernel_init(cfg, ("embed", "mlp")),
+            name="up_proj", **dense,
+        )(x_BxTxD)
+        hidden_BxTxF = nn.with_logical_constraint(
+            nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp")
+        )
+        return nn.Dense(
+            cfg.hidden_size, kernel_init=_kernel_init(cfg, ("mlp", "embed")),
+            name="down_proj", **dense,
+        )(hidden_BxTxF)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD, layer_cache, cos_BxTxE, sin_BxTxE, mask_BxTxS, cache_index):
+        cfg = self.config
+        norm = dict(eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        attn_BxTxD, new_cache = Attention(cfg, name="attn")(
+            RMSNorm(**norm, name="input_norm")(x_BxTxD),
+            cos_BxTxE, sin_BxTxE, mask_BxTxS, layer_cache, cache_index,
+        )
+        x_BxTxD = x_BxTxD + attn_BxTxD
+        x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(RMSNorm(**norm, name="post_attn_norm")(x_BxTxD))
+        x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+        return x_BxTxD, new_cache
+
+
+def _remat_policy(name: str):
+    return {
+        "full": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    }[name]
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. Returns (logits_BxTxV or final hidden_BxTxD, updated cache or None).
+
+    Args of `__call__`:
+      tokens_BxT: token ids.
+      positions_BxT: RoPE positions (for left padding: cumsum(mask) - 1).
+      kv_mask_BxS: 1 where a key slot holds a real token. Without a cache S = T and it is the
+        padding mask; with a cache it covers every cache slot, including the new ones.
+      cache: {"k","v"} of [L,B,S,K,E] or None; the T new keys are written at `cache_index`.
+      return_hidden: return the final-normed hidden states instead of logits (for the chunked
+        log-prob path of `core.logprobs` and for scalar heads).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, tokens_BxT, positions_BxT, kv_mask_BxS, cache: Cache | None = None,
+        cache_index: jax.Array | int = 0, return_hidden: bool = False,
+    ):
+        cfg = self.config
+        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")
+            ),
+            name="embed",
+        )
+        x_BxTxD = nn.with_logical_constraint(embed(tokens_BxT), ("batch", "length", "embed"))
+        cos_BxTxE, sin_BxTxE = rope_cos_sin(positions_BxT, cfg)
+        mask_BxTxS = attention_mask(kv_mask_BxS, cache_index, tokens_BxT.shape[1], cfg.sliding_window)
+
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            layer = nn.remat(layer, policy=_remat_policy(cfg.remat), prevent_cse=False)
+        layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="layers")
+        x_BxTxD, new_cache = layers(x_BxTxD, cache, cos_BxTxE, sin_BxTxE, mask_BxTxS, cache_index)
+        hidden_BxTxD = RMSNorm(
+            cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="final_norm"
+        )(x_BxTxD)
+        if return_hidden:
+            return hidden_BxTxD, new_cache
+        if cfg.tie_word_embeddings:
+            logits_BxTxV = embed.attend(hidden_BxTxD)
+        else:
+            logits_BxTxV = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=_kernel_init(cfg, ("embed", "vocab")), name="lm_head",
+            )(hidden_BxTxD)
+        return nn.with_logical_constraint(logits_BxTxV, ("batch", "length", "vocab")), new_cache
+
+
+class ScalarModel(nn.Module):
+    """Backbone + linear head giving one scalar per position: a value or reward model.
+
+    Params are {"model": backbone (an LM's params without `lm_head`), "head": {kernel, bias}},
+    so a policy or SFT checkpoint can seed the backbone directly.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT, kv_mask_BxS):
+        hidden_BxTxD, _ = Transformer(self.config, name="model")(
+            tokens_BxT, positions_BxT, kv_mask_BxS, return_hidden=True
+        )
+        # OpenAI (Ziegler et al. 2019) initialise the reward head with std 1/sqrt(D+1).
+        head = nn.Dense(
+            1, dtype=jnp.float32, param_dtype=_dtype(self.config.param_dtype),
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(1.0 / math.sqrt(self.config.hidden_size + 1)),
+                ("embed", None),
+            ),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+            name="head",
+        )
+        return head(hidden_BxTxD.astype(jnp.float32))[..., 0]
+
+
+def lm_head_weight(params: dict, config: ModelConfig) -> jax.Array:
+    """The [D,V] output projection: the embedding's transpose when tied."""
+    if config.tie_word_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def positions_from_mask(mask_BxT: jax.Array) -> jax.Array:
+    """RoPE positions for left- or right-padded rows: count of real tokens before each slot."""
+    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype: str | None = None) -> Cache:
+    """Zeroed KV cache {"k","v"}: [L,B,S,K,E] in the compute dtype unless given."""
+    shape = (config.num_layers, batch_size, cache_len, config.num_kv_heads, config.head_dim)
+    cache_dtype = _dtype(dtype or config.dtype)
+    return {"k": jnp.zeros(shape, cache_dtype), "v": jnp.zeros(shape, cache_dtype)}
+
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+def init_params(config: ModelConfig, key: jax.Array, scalar_head: bool = False) -> dict:
+    """Random params (unboxed) for an LM or, with `scalar_head`, a value/reward model."""
+    module = ScalarModel(config) if scalar_head else Transformer(config)
+    tokens_1x1 = jnp.zeros((1, 1), jnp.int32)
+    variables = module.init(key, tokens_1x1, tokens_1x1, jnp.ones((1, 1), jnp.int32))
+    return nn.meta.unbox(variables["params"])
+
+
+def param_logical_axes(config: ModelConfig, scalar_head: bool = False) -> dict:
+    """Pytree of logical axis-name tuples matching `init_params` (shape-only, no compute)."""
+    module = ScalarModel(config) if scalar_head else Transformer(config)
+    tokens_1x1 = jnp.zeros((1, 1), jnp.int32)
+    abstract = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), tokens_1x1, tokens_1x1, jnp.ones((1, 1), jnp.int32))
+    )
+    return nn.get_partition_spec(abstract)["params"]
