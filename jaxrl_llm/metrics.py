@@ -1,0 +1,90 @@
+"""Run metrics: one JSON object per step in RUN_DIR/metrics.jsonl, optional TensorBoard,
+and PNG plots of the main curves (several runs on one figure to compare variants)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterable
+
+import numpy as np
+
+MAIN_CURVES = ("reward/mean", "loss", "kl", "entropy", "response_length/mean", "clipfrac/high")
+
+
+def _to_float(value) -> float:
+    return float(np.asarray(value))
+
+
+class MetricsWriter:
+    """Appends `{"step": s, **metrics}` lines to metrics.jsonl (and TensorBoard if asked)."""
+
+    def __init__(self, run_dir: str, tensorboard: bool = False):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as error:
+                raise ImportError(
+                    "train.tensorboard=true needs tensorboardX: pip install tensorboardX"
+                ) from error
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> dict:
+        """Record one step's scalars; returns them as plain floats."""
+        row = {name: _to_float(value) for name, value in metrics.items()}
+        self._file.write(json.dumps({"step": int(step), **row}) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for name, value in row.items():
+                self._tb.add_scalar(name, value, int(step))
+        return row
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """All rows of RUN_DIR/metrics.jsonl, in order."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {run_dir!r} a run folder?")
+    with open(path, encoding="utf-8") as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+def plot_runs(run_dirs: Iterable[str], out_path: str, names: Iterable[str] = MAIN_CURVES) -> str:
+    """Draw each named metric that any run logged, one panel per metric, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {os.path.basename(os.path.normpath(d)): read_metrics(d) for d in run_dirs}
+    present = [n for n in names if any(n in row for rows in runs.values() for row in rows)]
+    if not present:
+        raise ValueError(f"none of the metrics {list(names)} were logged in {list(runs)}")
+    cols = min(3, len(present))
+    rows = math.ceil(len(present) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, present):
+        for label, metrics in runs.items():
+            points = [(r["step"], r[name]) for r in metrics if name in r]
+            if points:
+                ax.plot(*zip(*points), label=label)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+    for ax in axes.flat[len(present):]:
+        ax.axis("off")
+    if len(runs) > 1:
+        axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

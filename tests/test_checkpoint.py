@@ -1,0 +1,42 @@
+"""Checkpoints: keep the last K, resume restores the exact state and its metadata."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxrl_llm import checkpoint
+from jaxrl_llm.state import TrainState
+
+
+def _state(seed: int) -> TrainState:
+    key = jax.random.key(seed)
+    params = {"w": jax.random.normal(key, (3, 4)), "b": jnp.zeros(4)}
+    return TrainState.create(params, optax.adamw(1e-2))
+
+
+def _step(state: TrainState) -> TrainState:
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), state.params)
+    return state.apply_gradients(grads)
+
+
+def test_keeps_last_k_and_restores_latest_exactly(tmp_path):
+    manager = checkpoint.checkpoint_manager(str(tmp_path), keep=2)
+    state = _state(0)
+    for step in range(1, 5):
+        state = _step(state)
+        checkpoint.save(manager, step, state, {"step": step, "data_index": 10 * step})
+    assert manager.all_steps() == [3, 4]
+
+    reopened = checkpoint.checkpoint_manager(str(tmp_path), keep=2)
+    step, restored, meta = checkpoint.restore_latest(reopened, _state(1))
+    assert step == 4 and meta == {"step": 4, "data_index": 40}
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # A resumed state continues exactly like the uninterrupted one.
+    np.testing.assert_array_equal(_step(restored).params["w"], _step(state).params["w"])
+
+
+def test_restore_latest_without_checkpoints_is_none(tmp_path):
+    manager = checkpoint.checkpoint_manager(str(tmp_path / "empty"))
+    assert checkpoint.restore_latest(manager, _state(0)) is None

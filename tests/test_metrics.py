@@ -1,0 +1,35 @@
+"""Metrics: JSONL rows with a step field, and plots of one or several runs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxrl_llm import metrics
+
+
+def test_jsonl_rows_and_plot(tmp_path):
+    runs = []
+    for name, slope in (("a", 1.0), ("b", 2.0)):
+        run_dir = str(tmp_path / name)
+        writer = metrics.MetricsWriter(run_dir)
+        for step in range(5):
+            writer.write(step, {"reward/mean": np.float32(slope * step), "kl": 0.1})
+        writer.close()
+        runs.append(run_dir)
+    with open(os.path.join(runs[1], "metrics.jsonl")) as file:
+        rows = [json.loads(line) for line in file]
+    assert rows[3] == {"step": 3, "reward/mean": 6.0, "kl": 0.1}
+    out = metrics.plot_runs(runs, str(tmp_path / "cmp.png"))
+    assert os.path.getsize(out) > 1000
+
+
+def test_missing_run_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        metrics.read_metrics(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="none of the metrics"):
+        writer = metrics.MetricsWriter(str(tmp_path / "r"))
+        writer.write(0, {"other": 1.0})
+        writer.close()
+        metrics.plot_runs([str(tmp_path / "r")], str(tmp_path / "x.png"))
