@@ -1,0 +1,343 @@
+"""Datasets: JSONL and HF `datasets` loading, built-in synthetic tasks, deterministic batching, padding.
+
+Examples are dicts with canonical field names (a file's own names map to them through
+`data.*_field`); each algorithm needs:
+  sft        prompt + completion, or messages (the final assistant turn is the completion)
+  rm, dpo    prompt, chosen, rejected
+  grpo, ppo  prompt
+Every other field (e.g. `answer`) rides along and reaches the reward functions as a keyword
+argument. A prompt is a string or a list of chat messages ({"role", "content"}); completions,
+chosen and rejected are strings.
+
+Shape letters: B examples, P prompt length, C completion length, T = P + C.
+"""
+
+import itertools
+import json
+import operator
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from jaxrl_llm.config import OPERATORS, SYNTHETIC_TASKS, DataSection
+
+REQUIRED_FIELDS = {
+    "sft": ("prompt", "completion"),
+    "rm": ("prompt", "chosen", "rejected"),
+    "dpo": ("prompt", "chosen", "rejected"),
+    "grpo": ("prompt",),
+    "ppo": ("prompt",),
+}
+CANONICAL_FIELDS = {name: name for name in ("prompt", "completion", "messages", "chosen", "rejected")}
+
+Tokenize = Callable[[str | list], list[int]]
+
+
+class DataError(ValueError):
+    """Bad data; the message names the file, the line or example, and the fix."""
+
+
+def field_map(data: DataSection) -> dict[str, str]:
+    """Canonical field name -> the name the data files use."""
+    return {name: getattr(data, f"{name}_field") for name in CANONICAL_FIELDS}
+
+
+def as_chat(prompt: str | list) -> list:
+    """A plain-text prompt as a one-message user conversation; a message list passes through."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def _is_messages(value) -> bool:
+    """Whether `value` is a list of {"role": str, "content": str} messages."""
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    )
+
+
+def _split_messages(row: dict, where: str, fields: dict) -> dict:
+    """An SFT conversation as prompt (all turns but the last) and completion (the final assistant turn)."""
+    messages = row.pop("messages")
+    if not _is_messages(messages) or len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise DataError(
+            f"{where}: field {fields['messages']!r} must be a list of {{role, content}} messages with at least one "
+            "turn before a final assistant turn."
+        )
+    return {**row, "prompt": messages[:-1], "completion": messages[-1]["content"]}
+
+
+def _check_types(row: dict, algorithm: str, where: str, fields: dict) -> None:
+    """Prompts are text or messages; completions, chosen and rejected are text."""
+    for name in REQUIRED_FIELDS[algorithm]:
+        value = row[name]
+        if name == "prompt" and not (isinstance(value, str) or _is_messages(value)):
+            raise DataError(
+                f"{where}: field {fields[name]!r} must be a string or a list of {{role, content}} messages, "
+                f"got {type(value).__name__}."
+            )
+        if name != "prompt" and not isinstance(value, str):
+            raise DataError(f"{where}: field {fields[name]!r} must be a string, got {type(value).__name__}.")
+
+
+def normalize(raw, algorithm: str, fields: dict | None = None, where: str = "example", chat: bool = False) -> dict:
+    """One raw record as an example with canonical field names, checked for what `algorithm` needs."""
+    fields = fields or CANONICAL_FIELDS
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}.")
+    canonical = {name: key for key, name in fields.items()}
+    # A canonical name the config maps elsewhere (prompt_field: question) is not read from its own key.
+    row = {canonical.get(key, key): value for key, value in raw.items() if key in canonical or key not in fields}
+    if algorithm == "sft" and "prompt" not in row and "messages" in row:
+        row = _split_messages(row, where, fields)
+    required = REQUIRED_FIELDS[algorithm]
+    missing = [name for name in required if name not in row]
+    if missing:
+        alternative = f" (or {fields['messages']!r})" if algorithm == "sft" else ""
+        raise DataError(
+            f"{where}: missing field {fields[missing[0]]!r}; {algorithm} examples need "
+            f"{', '.join(fields[name] for name in required)}{alternative}. If your data calls it something "
+            f"else, set data.{missing[0]}_field."
+        )
+    _check_types(row, algorithm, where, fields)
+    return {**row, "prompt": as_chat(row["prompt"])} if chat else row
+
+
+def load_jsonl(path: str, algorithm: str, fields: dict | None = None, chat: bool = False) -> list[dict]:
+    """Examples from a JSONL file, one JSON object per line (blank lines skipped)."""
+    try:
+        file = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"data file {path!r} not found; set data.task to an existing .jsonl file, a built-in task "
+            f"({', '.join(SYNTHETIC_TASKS)}) or hf:<dataset>."
+        ) from None
+    examples = []
+    with file:
+        for number, line in enumerate(file, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno}).") from None
+            examples.append(normalize(raw, algorithm, fields, where, chat))
+    if not examples:
+        raise DataError(f"{path} holds no examples; write one JSON object per line.")
+    return examples
+
+
+def load_hf(name: str, split: str, algorithm: str, fields: dict | None = None, chat: bool = False) -> list[dict]:
+    """Examples from an HF `datasets` dataset (needs the optional `datasets` package)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"data.task 'hf:{name}' needs the datasets package: pip install datasets") from None
+    table = datasets.load_dataset(name, split=split)
+    examples = [
+        normalize(dict(raw), algorithm, fields, f"{name} [{split}] row {i}", chat) for i, raw in enumerate(table)
+    ]
+    if not examples:
+        raise DataError(f"{name} [{split}] holds no examples; check data.split.")
+    return examples
+
+
+_ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def arithmetic_task(num_examples: int, seed: int, digits: int = 2, operators=("+",), chat: bool = False) -> list[dict]:
+    """'What is 23 + 58?' -> '81' examples; the answer is also in an `answer` field for reward functions."""
+    unknown = [op for op in operators if op not in OPERATORS]
+    if unknown or not operators:
+        raise DataError(f"arithmetic operators must be among {', '.join(OPERATORS)}, got {list(operators)}.")
+    rng = np.random.default_rng(seed)
+    a_B, b_B = rng.integers(0, 10**digits, (2, num_examples))
+    op_B = rng.integers(0, len(operators), num_examples)
+    examples = []
+    for a, b, k in zip(a_B.tolist(), b_B.tolist(), op_B.tolist()):
+        prompt, answer = f"What is {a} {operators[k]} {b}?", str(_ARITHMETIC[operators[k]](a, b))
+        examples.append({"prompt": as_chat(prompt) if chat else prompt, "completion": answer, "answer": answer})
+    return examples
+
+
+_WORDS = (
+    "apple", "banana", "cat", "dog", "sky", "tree", "moon", "sun", "river", "stone", "bird", "cloud", "grass", "rain"
+)
+_TOPICS = ("the sea", "a city", "winter", "a friend", "music", "the night", "a garden", "the road")
+
+
+def preference_score(text: str, target: str = "a") -> float:
+    """The hidden preference of `preference_task`: how often `target` occurs in the text."""
+    return float(text.count(target))
+
+
+def _word_list(rng: np.random.Generator) -> str:
+    """Three to eight random words."""
+    return " ".join(str(word) for word in rng.choice(_WORDS, int(rng.integers(3, 9))))
+
+
+def preference_task(num_examples: int, seed: int, target: str = "a", chat: bool = False) -> list[dict]:
+    """Pairs of word lists where `chosen` has more of `target` (ties redrawn).
+
+    `completion` repeats chosen for SFT warm starts; `preference_target` lets reward functions and
+    evaluations score completions with `preference_score`.
+    """
+    if not target or not any(target in word for word in _WORDS):
+        raise DataError(f"preference target {target!r} occurs in none of the task's words {_WORDS}; pick e.g. 'a'.")
+    rng = np.random.default_rng(seed)
+    examples = []
+    while len(examples) < num_examples:
+        prompt = f"Write a few words about {_TOPICS[int(rng.integers(len(_TOPICS)))]}."
+        first, second = _word_list(rng), _word_list(rng)
+        first_score, second_score = preference_score(first, target), preference_score(second, target)
+        if first_score == second_score:
+            continue
+        chosen, rejected = (first, second) if first_score > second_score else (second, first)
+        prompt = as_chat(prompt) if chat else prompt
+        pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        examples.append({**pair, "completion": chosen, "preference_target": target})
+    return examples
+
+
+def _synthetic(data: DataSection, seed: int) -> list[dict]:
+    """The built-in task named by data.task, in plain-text form."""
+    synthetic = data.synthetic
+    if data.task == "arithmetic":
+        return arithmetic_task(synthetic.num_examples, seed, synthetic.digits, synthetic.operators)
+    return preference_task(synthetic.num_examples, seed, synthetic.preference_target)
+
+
+def load_examples(data: DataSection, algorithm: str, seed: int) -> list[dict]:
+    """The examples data.task names: a built-in synthetic task, hf:<dataset>, or a JSONL file."""
+    chat = data.apply_chat_template
+    if data.task in SYNTHETIC_TASKS:
+        where = f"synthetic task {data.task!r} example"
+        return [normalize(raw, algorithm, None, f"{where} {i}", chat) for i, raw in enumerate(_synthetic(data, seed))]
+    if data.task.startswith("hf:"):
+        return load_hf(data.task[3:], data.split, algorithm, field_map(data), chat)
+    return load_jsonl(data.task, algorithm, field_map(data), chat)
+
+
+def split_eval(examples: list, eval_size: int, seed: int) -> tuple[list, list]:
+    """(train, eval): `eval_size` examples held out by a seeded draw; both keep the original order."""
+    if eval_size >= len(examples):
+        raise DataError(
+            f"data.eval_size ({eval_size}) leaves no training examples out of {len(examples)}; lower data.eval_size."
+        )
+    held = set(np.random.default_rng(seed).permutation(len(examples))[:eval_size].tolist())
+    train = [example for i, example in enumerate(examples) if i not in held]
+    return train, [examples[i] for i in sorted(held)]
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full batches in one epoch (the last partial batch is dropped)."""
+    if num_examples < batch_size:
+        raise DataError(
+            f"the dataset has {num_examples} training examples, fewer than one batch of {batch_size}; "
+            "lower data.batch_size or add examples."
+        )
+    return num_examples // batch_size
+
+
+def batch_indices(num_examples: int, batch_size: int, step: int, seed: int, shuffle: bool = True) -> np.ndarray:
+    """Example indices of batch `step`: a function of the step alone, so a resumed run sees the same batches.
+
+    Each epoch walks a permutation drawn from (seed, epoch); within an epoch no example repeats.
+    """
+    epoch, index = divmod(step, steps_per_epoch(num_examples, batch_size))
+    order = np.random.default_rng((seed, epoch)).permutation(num_examples) if shuffle else np.arange(num_examples)
+    return order[index * batch_size : (index + 1) * batch_size]
+
+
+def iterate_batches(
+    examples: Sequence, batch_size: int, seed: int, start_step: int = 0, shuffle: bool = True
+) -> Iterator[tuple[int, list]]:
+    """(step, examples of that batch) from `start_step` on, without end."""
+    for step in itertools.count(start_step):
+        yield step, [examples[i] for i in batch_indices(len(examples), batch_size, step, seed, shuffle)]
+
+
+def collate(examples: Sequence[dict]) -> dict[str, list]:
+    """Column-wise batch: field -> list over examples (None where an example lacks the field)."""
+    names = dict.fromkeys(name for example in examples for name in example)
+    return {name: [example.get(name) for example in examples] for name in names}
+
+
+def fit_prompt(ids: Sequence[int], max_len: int, overflow: str = "error", where: str = "prompt") -> list[int] | None:
+    """`ids` if they fit max_len; else the last max_len (truncate), None (skip), or a DataError (error)."""
+    if len(ids) <= max_len:
+        return list(ids)
+    if overflow == "truncate":
+        return list(ids[len(ids) - max_len :])
+    if overflow == "skip":
+        return None
+    raise DataError(
+        f"{where}: the prompt has {len(ids)} tokens, over data.max_prompt_len={max_len}; raise data.max_prompt_len, "
+        "or set data.prompt_overflow=truncate (keep its last tokens) or skip (drop such examples)."
+    )
+
+
+def tokenize_prompts(examples: Sequence[dict], tokenize: Tokenize, max_len: int, overflow: str = "error") -> list[dict]:
+    """Examples with `prompt_ids` added and fitted to max_len by `overflow` (skipped ones dropped), once, up front."""
+    tokenized = []
+    for i, example in enumerate(examples):
+        where = f"example {i} ({str(example['prompt'])[:40]!r}...)"
+        ids = fit_prompt(tokenize(example["prompt"]), max_len, overflow, where)
+        if ids is not None:
+            tokenized.append({**example, "prompt_ids": ids})
+    if not tokenized:
+        raise DataError(f"every prompt is longer than data.max_prompt_len={max_len}; raise it.")
+    return tokenized
+
+
+def bucket_length(length: int, max_len: int, min_len: int = 16) -> int:
+    """The smallest power of two >= length (at least min_len), capped at max_len: few shapes to compile."""
+    return min(max_len, max(min_len, 1 << max(length - 1, 0).bit_length()))
+
+
+def _pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Token lists in a [B, length] int32 array with their validity mask, aligned right (left padding) or left."""
+    ids_BxT = np.full((len(seqs), length), pad_id, np.int32)
+    mask_BxT = np.zeros((len(seqs), length), bool)
+    for i, seq in enumerate(seqs):
+        if len(seq) > length:
+            raise ValueError(f"sequence {i} has {len(seq)} tokens, more than the padded length {length}.")
+        cols = slice(length - len(seq), length) if left else slice(0, len(seq))
+        ids_BxT[i, cols], mask_BxT[i, cols] = seq, True
+    return ids_BxT, mask_BxT
+
+
+def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, length] ids right-aligned after padding (prompts end where generation starts), and the mask."""
+    return _pad(seqs, length, pad_id, left=True)
+
+
+def right_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, length] ids left-aligned before padding (completions), and the mask."""
+    return _pad(seqs, length, pad_id, left=False)
+
+
+def pad_prompts(prompt_ids: Sequence[Sequence[int]], max_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompts [B, P], P the bucket that holds the longest, and their mask."""
+    return left_pad(prompt_ids, bucket_length(max(map(len, prompt_ids)), max_len), pad_id)
+
+
+def pad_prompt_completion(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    max_prompt_len: int,
+    max_completion_len: int,
+    pad_id: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens_BxT, mask_BxT, loss_mask_BxT) for [left-padded prompt | right-padded completion].
+
+    Completions are cut at max_completion_len (end them with EOS if the model must learn to stop);
+    loss_mask marks completion tokens. Both parts are bucketed.
+    """
+    completions = [list(ids[:max_completion_len]) for ids in completion_ids]
+    prompt_BxP, prompt_mask_BxP = pad_prompts(prompt_ids, max_prompt_len, pad_id)
+    length = bucket_length(max(map(len, completions)), max_completion_len)
+    completion_BxC, completion_mask_BxC = right_pad(completions, length, pad_id)
+    tokens_BxT = np.concatenate([prompt_BxP, completion_BxC], axis=1)
+    mask_BxT = np.concatenate([prompt_mask_BxP, completion_mask_BxC], axis=1)
+    loss_mask_BxT = np.concatenate([np.zeros_like(prompt_mask_BxP), completion_mask_BxC], axis=1)
+    return tokens_BxT, mask_BxT, loss_mask_BxT
