@@ -1,0 +1,1 @@
+"""Training algorithms, each a factory of pure `step(state, batch, key) -> (state, metrics)`."""

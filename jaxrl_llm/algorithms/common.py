@@ -1,0 +1,133 @@
+"""What every training step shares: scoring sequences, optimizers, gradient accumulation.
+
+Shapes: B sequences, T tokens, M microbatches, D hidden size.
+
+A sequence batch is a dict of `tokens` [B,T] (prompt left-padded, then the completion,
+right-padded), `mask` [B,T] (1 on real tokens) and `completion_mask` [B,T] (1 on the tokens
+a loss sees). Position t of a log-prob array scores token t given tokens < t; position 0
+scores nothing and holds 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrl_llm.core import chunked_token_logprobs
+from jaxrl_llm.models.transformer import (
+    ModelConfig,
+    ScalarModel,
+    Transformer,
+    lm_head_weight,
+    positions_from_mask,
+)
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def final_hidden(params, model_config: ModelConfig, tokens_BxT, mask_BxT):
+    """Final-normed hidden states [B,T,D] of the decoder."""
+    hidden_BxTxD, _ = Transformer(model_config).apply(
+        {"params": params}, tokens_BxT, positions_from_mask(mask_BxT), mask_BxT, return_hidden=True
+    )
+    return hidden_BxTxD
+
+
+def score_tokens(
+    params, model_config: ModelConfig, tokens_BxT, mask_BxT, temperature: float = 1.0,
+    with_entropy: bool = False, chunk_size: int = 128,
+):
+    """log π(token_t | tokens_<t) [B,T] (and the entropy of that distribution), never
+    materialising [B,T,V] logits; position 0 holds 0."""
+    hidden_BxTxD = final_hidden(params, model_config, tokens_BxT, mask_BxT)
+    lm_head_DxV = lm_head_weight(params, model_config).astype(hidden_BxTxD.dtype)
+    scored = chunked_token_logprobs(
+        hidden_BxTxD[:, :-1], lm_head_DxV, tokens_BxT[:, 1:], chunk_size=chunk_size,
+        with_entropy=with_entropy, temperature=temperature,
+    )
+    return jax.tree.map(lambda x_BxT1: jnp.pad(x_BxT1, ((0, 0), (1, 0))), scored)
+
+
+def last_token_index(mask_BxT):
+    """Index of each row's last real token (rows are right-padded after the completion)."""
+    T = mask_BxT.shape[1]
+    return T - 1 - jnp.argmax(mask_BxT[:, ::-1].astype(jnp.int32), axis=1)
+
+
+def scalar_scores(params, model_config: ModelConfig, tokens_BxT, mask_BxT):
+    """A value/reward model's per-position scalars [B,T] and the score at the last real token [B]."""
+    values_BxT = ScalarModel(model_config).apply(
+        {"params": params}, tokens_BxT, positions_from_mask(mask_BxT), mask_BxT
+    )
+    last_B = last_token_index(mask_BxT)
+    return values_BxT, jnp.take_along_axis(values_BxT, last_B[:, None], axis=1)[:, 0]
+
+
+def learning_rate_schedule(lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0):
+    """Linear warm-up to `lr`, then constant, linear decay to 0, or cosine decay to 0."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule {schedule!r} is not one of {LR_SCHEDULES}.")
+    decay_steps = max(total_steps - warmup_steps, 1)
+    after = {
+        "constant": optax.constant_schedule(lr),
+        "linear": optax.linear_schedule(lr, 0.0, decay_steps),
+        "cosine": optax.cosine_decay_schedule(lr, decay_steps),
+    }[schedule]
+    if warmup_steps <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])
+
+
+def make_optimizer(
+    lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0,
+    weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    grad_clip: float | None = 1.0,
+) -> optax.GradientTransformation:
+    """AdamW with global-norm gradient clipping and a learning-rate schedule."""
+    adamw = optax.adamw(
+        learning_rate_schedule(lr, total_steps, schedule, warmup_steps),
+        b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+    )
+    if grad_clip is None or grad_clip <= 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)
+
+
+def split_microbatches(batch: dict, num_microbatches: int) -> dict:
+    """Reshape every [B, ...] leaf to [M, B/M, ...]."""
+    def split(x):
+        if x.shape[0] % num_microbatches:
+            raise ValueError(
+                f"batch of {x.shape[0]} rows does not split into {num_microbatches} microbatches."
+            )
+        return x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(
+    loss_fn: Callable[[Any, dict], tuple[jax.Array, dict]], params, batch: dict, num_microbatches: int = 1
+):
+    """(loss, grads, metrics) summed over M microbatches with `lax.scan`; metrics are averaged.
+
+    `loss_fn(params, microbatch)` must normalise by the whole batch (see `core.loss_normalizer`)
+    so that the summed loss and gradients equal those of one big batch.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_microbatches == 1:
+        (loss, metrics), grads = grad_fn(params, batch)
+        return loss, grads, metrics
+
+    def one_microbatch(carry, microbatch):
+        loss_sum, grads_sum = carry
+        (loss, metrics), grads = grad_fn(params, microbatch)
+        return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads)), metrics
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), metrics_M = jax.lax.scan(
+        one_microbatch, zeros, split_microbatches(batch, num_microbatches)
+    )
+    return loss, grads, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics_M)
