@@ -621,10 +621,11 @@ def init_scalar_params_from_lm(lm_params: dict, key: jax.Array, config: ModelCon
     return {"model": backbone, "head": _fresh_head(config, key)}
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def _fresh_head(config: ModelConfig, key: jax.Array) -> dict:
-    """The head `init_params(config, key, scalar_head=True)` draws."""
-    # Under jit XLA prunes the unused backbone initialisers, so only the head is computed.
-    return jax.jit(lambda k: init_params(config, k, scalar_head=True)["head"])(key)
+    """The head `init_params(config, key, scalar_head=True)` draws (up to float rounding)."""
+    # XLA prunes the unused backbone initialisers, so only the head is computed.
+    return init_params(config, key, scalar_head=True)["head"]
 
 
 def export_hf(

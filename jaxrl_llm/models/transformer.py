@@ -15,6 +15,7 @@ Without a cache S = T and `cache_index` = 0, which is plain causal attention wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -399,8 +400,10 @@ def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype: str 
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
+@functools.partial(jax.jit, static_argnames=("config", "scalar_head"))
 def init_params(config: ModelConfig, key: jax.Array, scalar_head: bool = False) -> dict:
     """Random params (unboxed) for an LM or, with `scalar_head`, a value/reward model."""
+    # Jitted: run eagerly, the scanned layers' initialisers dispatch op by op (~10 s on CPU).
     module = ScalarModel(config) if scalar_head else Transformer(config)
     tokens_1x1 = jnp.zeros((1, 1), jnp.int32)
     variables = module.init(key, tokens_1x1, tokens_1x1, jnp.ones((1, 1), jnp.int32))

@@ -1,0 +1,42 @@
+"""`import jaxrl_llm`, loading a model and a GGUF tokenizer never import torch."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+
+from jaxrl_llm.models.hf import export_hf
+from jaxrl_llm.models.transformer import ModelConfig, init_params
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = ModelConfig(
+    vocab_size=49152, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+    num_kv_heads=1, head_dim=8, tie_word_embeddings=True,
+)
+
+
+def run_python(code: str) -> None:
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_import_does_not_import_torch():
+    run_python(
+        "import jaxrl_llm, sys; jaxrl_llm.load_model; from jaxrl_llm import tokenizer; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+
+
+def test_loading_a_folder_and_a_gguf_tokenizer_does_not_import_torch(smollm2, smollm2_gguf, tmp_path):
+    export_hf(init_params(CONFIG, jax.random.key(0)), tmp_path, config=CONFIG, tokenizer=smollm2.tokenizer)
+    run_python(
+        "import sys, jaxrl_llm\n"
+        "from jaxrl_llm import tokenizer\n"
+        f"model = jaxrl_llm.load_model({str(tmp_path)!r})\n"
+        f"gguf_tokenizer = tokenizer.load_tokenizer({str(smollm2_gguf)!r})\n"
+        "tokens, mask = tokenizer.encode_prompts(model.tokenizer, [[{'role': 'user', 'content': 'hi'}]], 64)\n"
+        "assert tokenizer.encode_prompts(gguf_tokenizer, [[{'role': 'user', 'content': 'hi'}]], 64)[0].tolist() == tokens.tolist()\n"
+        "model.logits(model.params, tokens, mask).block_until_ready()\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
