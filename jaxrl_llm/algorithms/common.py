@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrl_llm.core import chunked_token_logprobs
+from jaxrl_llm.core import chunked_full_kl, chunked_token_logprobs
 from jaxrl_llm.models.transformer import (
     ModelConfig,
     ScalarModel,
@@ -36,19 +36,46 @@ def final_hidden(params, model_config: ModelConfig, tokens_BxT, mask_BxT):
     return hidden_BxTxD
 
 
-def score_tokens(
-    params, model_config: ModelConfig, tokens_BxT, mask_BxT, temperature: float = 1.0,
+def hidden_logprobs(
+    params, model_config: ModelConfig, hidden_BxTxD, tokens_BxT, temperature: float = 1.0,
     with_entropy: bool = False, chunk_size: int = 128,
 ):
-    """log π(token_t | tokens_<t) [B,T] (and the entropy of that distribution), never
-    materialising [B,T,V] logits; position 0 holds 0."""
-    hidden_BxTxD = final_hidden(params, model_config, tokens_BxT, mask_BxT)
+    """log π(token_t | tokens_<t) [B,T] (and that distribution's entropy) from final hidden
+    states, never materialising [B,T,V] logits; position 0 holds 0."""
     lm_head_DxV = lm_head_weight(params, model_config).astype(hidden_BxTxD.dtype)
     scored = chunked_token_logprobs(
         hidden_BxTxD[:, :-1], lm_head_DxV, tokens_BxT[:, 1:], chunk_size=chunk_size,
         with_entropy=with_entropy, temperature=temperature,
     )
-    return jax.tree.map(lambda x_BxT1: jnp.pad(x_BxT1, ((0, 0), (1, 0))), scored)
+    return jax.tree.map(_shift_right, scored)
+
+
+def score_tokens(
+    params, model_config: ModelConfig, tokens_BxT, mask_BxT, temperature: float = 1.0,
+    with_entropy: bool = False, chunk_size: int = 128,
+):
+    """`hidden_logprobs` of a forward pass over the tokens."""
+    hidden_BxTxD = final_hidden(params, model_config, tokens_BxT, mask_BxT)
+    return hidden_logprobs(
+        params, model_config, hidden_BxTxD, tokens_BxT, temperature, with_entropy, chunk_size
+    )
+
+
+def hidden_full_kl(
+    params, hidden_BxTxD, ref_params, ref_hidden_BxTxD, model_config: ModelConfig,
+    temperature: float = 1.0, chunk_size: int = 128,
+):
+    """Exact KL(π_θ(·|s_t) ‖ π_ref(·|s_t)) [B,T] over the vocabulary at the state that emits token t."""
+    kl_BxT1 = chunked_full_kl(
+        hidden_BxTxD[:, :-1], lm_head_weight(params, model_config).astype(hidden_BxTxD.dtype),
+        ref_hidden_BxTxD[:, :-1], lm_head_weight(ref_params, model_config).astype(ref_hidden_BxTxD.dtype),
+        chunk_size=chunk_size, temperature=temperature,
+    )
+    return _shift_right(kl_BxT1)
+
+
+def _shift_right(x_BxT1):
+    return jnp.pad(x_BxT1, ((0, 0), (1, 0)))
 
 
 def last_token_index(mask_BxT):

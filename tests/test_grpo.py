@@ -1,0 +1,180 @@
+"""GRPO step: exact loss against a NumPy reference, KL placement, accumulation, every loss kind, learning."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxrl_llm.algorithms import common
+from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step, rollout_batch
+from jaxrl_llm.config import GRPOSection
+from jaxrl_llm.models.transformer import ModelConfig, Transformer, init_params, positions_from_mask
+from jaxrl_llm.sampling import SamplingConfig, generate
+from jaxrl_llm.state import TrainState
+
+CONFIG = ModelConfig(
+    vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=8, tie_word_embeddings=True,
+)
+G = 4
+
+
+def rollout(seed, prompts=2, P=4, N=6):
+    """Rows of left-padded prompts + right-padded completions, G per prompt, with rewards."""
+    rng = np.random.default_rng(seed)
+    R = prompts * G
+    tokens = rng.integers(2, CONFIG.vocab_size, (R, P + N)).astype(np.int32)
+    mask = np.zeros((R, P + N), np.int32)
+    completion = np.zeros_like(mask)
+    for r in range(R):
+        p, n = rng.integers(1, P + 1), rng.integers(1, N + 1)
+        mask[r, P - p:P + n] = 1
+        completion[r, P:P + n] = 1
+    return {
+        "tokens": tokens * mask, "mask": mask, "completion_mask": completion,
+        "rewards": rng.normal(size=R).astype(np.float32), "truncated": completion.sum(1) == N,
+    }
+
+
+def ref_logp(params, batch):
+    logits, _ = Transformer(CONFIG).apply(
+        {"params": params}, batch["tokens"], positions_from_mask(batch["mask"]), batch["mask"]
+    )
+    z = np.asarray(logits, np.float64)
+    out = np.zeros(batch["tokens"].shape)
+    for r in range(out.shape[0]):
+        for t in range(1, out.shape[1]):
+            zt = z[r, t - 1]
+            out[r, t] = zt[batch["tokens"][r, t]] - zt.max() - np.log(np.exp(zt - zt.max()).sum())
+    return out
+
+
+def numpy_group_adv(rewards, eps=1e-4):
+    adv = np.zeros_like(rewards, np.float64)
+    for start in range(0, len(rewards), G):
+        group = rewards[start:start + G].astype(np.float64)
+        adv[start:start + G] = (group - group.mean()) / (group.std(ddof=1) + eps)
+    return adv
+
+
+def numpy_aggregate(loss, mask, mode, max_len):
+    if mode == "token_mean":
+        return (loss * mask).sum() / mask.sum()
+    if mode == "seq_mean_token_mean":
+        return np.mean([(loss[r] * mask[r]).sum() / mask[r].sum() for r in range(len(mask))])
+    return (loss * mask).sum() / (len(mask) * max_len)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CONFIG, jax.random.key(0))
+
+
+def fresh_state(params, ref_params=None, lr=1e-2, tx=None):
+    tx = tx or common.make_optimizer(lr, 100, grad_clip=None)
+    return GRPOState(policy=TrainState.create(params, tx), ref_params=ref_params)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+def test_on_policy_loss_is_minus_aggregated_advantage(params, aggregation):
+    cfg = GRPOSection(group_size=G, kl_coef=0.0, aggregation=aggregation)
+    batch = rollout(0)
+    _, metrics = jax.jit(make_grpo_step(CONFIG, cfg, max_completion_len=6))(fresh_state(params), batch, jax.random.key(0))
+    adv = numpy_group_adv(batch["rewards"])
+    want = numpy_aggregate(-adv[:, None] * np.ones_like(batch["mask"]), batch["completion_mask"], aggregation, 6)
+    np.testing.assert_allclose(float(metrics["pg_loss"]), want, rtol=1e-4, atol=1e-6)
+    assert float(metrics["clipfrac"]) == 0.0
+    np.testing.assert_allclose(float(metrics["ratio/mean"]), 1.0, atol=1e-6)
+
+
+def test_kl_in_reward_is_subtracted_before_the_group_baseline(params):
+    ref_params = jax.tree.map(lambda p: p * 0.9, params)
+    cfg = GRPOSection(group_size=G, kl_coef=0.5, kl_estimator="k1", kl_placement="reward", aggregation="token_mean")
+    batch = rollout(1)
+    _, metrics = jax.jit(make_grpo_step(CONFIG, cfg))(fresh_state(params, ref_params), batch, jax.random.key(0))
+    seq_kl = ((ref_logp(params, batch) - ref_logp(ref_params, batch)) * batch["completion_mask"]).sum(1)
+    np.testing.assert_allclose(float(metrics["kl"]), seq_kl.mean(), rtol=1e-4)
+    adv = numpy_group_adv(batch["rewards"] - 0.5 * seq_kl)
+    want = numpy_aggregate(-adv[:, None] * np.ones_like(batch["mask"]), batch["completion_mask"], "token_mean", None)
+    np.testing.assert_allclose(float(metrics["pg_loss"]), want, rtol=1e-4, atol=1e-6)
+
+
+def test_k3_kl_in_loss_matches_numpy(params):
+    ref_params = jax.tree.map(lambda p: p * 0.9, params)
+    cfg = GRPOSection(group_size=G, kl_coef=0.1, kl_estimator="k3", kl_placement="loss", aggregation="token_mean")
+    batch = rollout(2)
+    _, metrics = jax.jit(make_grpo_step(CONFIG, cfg))(fresh_state(params, ref_params), batch, jax.random.key(0))
+    l = ref_logp(params, batch) - ref_logp(ref_params, batch)
+    k3 = np.exp(-l) - 1 + l
+    m = batch["completion_mask"]
+    np.testing.assert_allclose(float(metrics["kl"]), (k3 * m).sum() / m.sum(), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["loss"]), float(metrics["pg_loss"]) + 0.1 * (k3 * m).sum() / m.sum(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_microbatches_equal_one_big_batch(params, aggregation):
+    cfg = GRPOSection(group_size=G, kl_coef=0.1, kl_estimator="k3", aggregation=aggregation, num_iterations=2)
+    ref_params = jax.tree.map(lambda p: p * 0.95, params)
+    batch = rollout(3)
+    outs = [
+        jax.jit(make_grpo_step(CONFIG, cfg, num_microbatches=m))(
+            fresh_state(params, ref_params, tx=optax.sgd(0.5)), batch, jax.random.key(0)
+        )
+        for m in (1, 2)
+    ]
+    np.testing.assert_allclose(outs[0][1]["loss"], outs[1][1]["loss"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(outs[0][0].policy.params), jax.tree.leaves(outs[1][0].policy.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(loss="ppo", eps_high=0.28, dual_clip=3.0, num_iterations=2, num_minibatches=2),
+        dict(loss="gspo", aggregation="seq_mean_token_mean", num_iterations=2),
+        dict(loss="gspo_token", num_iterations=2),
+        dict(loss="sapo", num_iterations=2),
+        dict(loss="cispo", num_iterations=2),
+        dict(adv_scaling="none", aggregation="seq_mean_token_sum_norm", overlong_shaping=True, overlong_buffer=2,
+             overlong_filtering=True),
+        dict(kl_estimator="full", kl_placement="loss"),
+        dict(kl_estimator="full", kl_placement="reward", std="population"),
+    ],
+)
+def test_every_switch_runs_and_updates(params, changes):
+    cfg = dataclasses.replace(GRPOSection(group_size=G, kl_coef=0.05), **changes)
+    ref_params = jax.tree.map(lambda p: p * 0.95, params)
+    state, metrics = jax.jit(make_grpo_step(CONFIG, cfg, max_completion_len=6))(
+        fresh_state(params, ref_params), rollout(4), jax.random.key(0)
+    )
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, state.policy.params)
+    assert all(jax.tree.leaves(changed))
+    if changes.get("num_iterations", 1) > 1 and changes["loss"] != "sapo":
+        assert float(metrics["ratio/max"]) > 1.0 or float(metrics["ratio/min"]) < 1.0
+
+
+def test_full_kl_is_zero_against_itself(params):
+    cfg = GRPOSection(group_size=G, kl_coef=0.1, kl_estimator="full", kl_placement="loss")
+    _, metrics = jax.jit(make_grpo_step(CONFIG, cfg))(fresh_state(params, params), rollout(5), jax.random.key(0))
+    assert abs(float(metrics["kl"])) < 1e-6
+
+
+def test_grpo_learns_a_token_preference(params):
+    """Reward = share of token 5 in the answer; a few GRPO steps push it up clearly."""
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, n=8, stop_token_ids=(1,), pad_token_id=0)
+    cfg = GRPOSection(group_size=8, kl_coef=0.0, eps_high=0.28, aggregation="token_mean", num_minibatches=2,
+                      num_iterations=2)
+    state = fresh_state(params, lr=3e-3)
+    step = jax.jit(make_grpo_step(CONFIG, cfg))
+    prompts = [[2, 3, 4], [5, 6], [7, 8, 9, 10]] * 2
+    history = []
+    for i in range(12):
+        out = generate(state.policy.params, prompts, jax.random.key(100 + i), sampling, CONFIG)
+        rewards = ((np.asarray(out.tokens_RxN) == 5) * np.asarray(out.mask_RxN)).sum(1) / 8.0
+        state, metrics = step(state, rollout_batch(out, rewards), jax.random.key(i))
+        history.append(float(metrics["reward/mean"]))
+    assert history[0] < 0.2 and np.mean(history[-3:]) > 0.6, history
