@@ -50,10 +50,11 @@ def tokenizer_from_gguf(reader: gguf.GGUFReader) -> PreTrainedTokenizerFast:
     """The tokenizer a GGUF's metadata describes, built the way AutoTokenizer(gguf_file=) does."""
     metadata = {key.removeprefix("tokenizer."): field.contents()
                 for key, field in reader.fields.items() if key.startswith("tokenizer.")}
-    vocab, init_kwargs = (
-        {name: metadata[key] for key, name in GGUF_TOKENIZER_MAPPING[group].items() if key in metadata}
-        for group in ("tokenizer", "tokenizer_config")
-    )
+    renamed = {
+        group: {name: metadata[key] for key, name in renames.items() if key in metadata}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    vocab, init_kwargs = renamed["tokenizer"], renamed["tokenizer_config"]
     if "tokens" not in vocab:
         raise TokenizerError(f"{reader.data.filename}: the GGUF has no tokenizer.ggml.tokens.")
     if vocab.get("tokenizer_type") == "llama":
@@ -77,9 +78,10 @@ def resolve_special_tokens(tokenizer: PreTrainedTokenizerFast) -> PreTrainedToke
 
 
 def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
-    """{bos,eos,pad}_token_id, those the tokenizer has (for config.json / generation_config.json)."""
-    ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}
-    return {key: value for key, value in ids.items() if value is not None}
+    """{bos,eos,pad}_token_id, those the tokenizer has (for config.json, generation_config.json)."""
+    names = (f"{kind}_token_id" for kind in ("bos", "eos", "pad"))
+    ids = {name: getattr(tokenizer, name) for name in names}
+    return {name: value for name, value in ids.items() if value is not None}
 
 
 def apply_chat_template(

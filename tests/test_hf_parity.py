@@ -4,11 +4,13 @@ Shape letters: B batch, T length, D embed.
 
 Each case builds a tiny random HF config, draws torch weights with a fixed seed (larger than
 HF's init, so attention is far from uniform and RoPE, norms and biases all matter), saves it with
-`save_pretrained` and loads it with our loader.
+`save_pretrained` (or as a GGUF, the way llama.cpp's converter writes one) and loads it with our
+loader.
 """
 
 import functools
 
+import gguf
 import jax
 import numpy as np
 import pytest
@@ -38,7 +40,7 @@ LLAMA3_ROPE = dict(
 CASES = {
     "llama": ("llama", {}),
     "llama-llama3rope-tied": ("llama", dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True)),
-    "llama-linearrope": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=1e4, factor=2.0))),
+    "llama-linearrope": ("llama", dict(rope_parameters=dict(rope_type="linear", factor=2.0))),
     "mistral-window": ("mistral", dict(sliding_window=4)),
     "qwen2-tied-sharded": ("qwen2", dict(tie_word_embeddings=True)),
     "qwen3": ("qwen3", dict(head_dim=32)),
@@ -107,7 +109,8 @@ def test_export_round_trip_of_modified_params(hf_tiny, tmp_path, torch_logits, r
     assert not info["missing_keys"] and not info["unexpected_keys"]
     tokens_BxT, mask_BxT = left_padded_batch(loaded.config.vocab_size, seed=1)
     ours_BxTxV = loaded.logits(modified, tokens_BxT, mask_BxT)
-    assert relative_error(ours_BxTxV, torch_logits(reloaded.eval(), tokens_BxT, mask_BxT), mask_BxT) <= 1e-4
+    ref_BxTxV = torch_logits(reloaded.eval(), tokens_BxT, mask_BxT)
+    assert relative_error(ours_BxTxV, ref_BxTxV, mask_BxT) <= 1e-4
 
     ours_again = load_model(tmp_path)
     assert ours_again.config == loaded.config
@@ -122,7 +125,8 @@ def test_config_round_trip(case):
 
 def test_config_fields_per_family():
     llama3 = config_from_hf(tiny_hf_config("llama-llama3rope-tied").to_dict())
-    assert (llama3.rope_type, llama3.rope_factor, llama3.rope_original_max_position) == ("llama3", 8.0, 16)
+    assert (llama3.rope_type, llama3.rope_factor) == ("llama3", 8.0)
+    assert llama3.rope_original_max_position == 16
     assert llama3.tie_word_embeddings
     assert config_from_hf(tiny_hf_config("mistral-window").to_dict()).sliding_window == 4
     assert config_from_hf(tiny_hf_config("qwen2-tied-sharded").to_dict()).attention_bias
@@ -131,7 +135,8 @@ def test_config_fields_per_family():
 
 
 def test_transformers_4_config_spelling():
-    hf = dict(model_type="llama", **TINY, rope_theta=5e5, rope_scaling={"type": "linear", "factor": 4.0})
+    rope_scaling = {"type": "linear", "factor": 4.0}
+    hf = dict(model_type="llama", **TINY, rope_theta=5e5, rope_scaling=rope_scaling)
     config = config_from_hf(hf)
     assert (config.rope_theta, config.rope_type, config.rope_factor) == (5e5, "linear", 4.0)
     assert config.num_layers == 2 and config.head_dim == 16 and not config.tie_word_embeddings
@@ -155,7 +160,8 @@ def test_unsupported_configs_are_refused(change, message):
 
 
 def test_qwen2_sliding_window_on_some_layers_is_refused():
-    hf = dict(model_type="qwen2", **TINY, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    window = dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    hf = dict(model_type="qwen2", **TINY, **window)
     with pytest.raises(ModelLoadError, match="only some layers"):
         config_from_hf(hf)
 
@@ -167,7 +173,8 @@ def test_bfloat16_params_and_compute(hf_tiny, relative_error):
     assert {x.dtype for x in jax.tree_util.tree_leaves(bf16.params)} == {np.dtype("bfloat16")}
     tokens_BxT, mask_BxT = left_padded_batch(fp32.config.vocab_size)
     ours_BxTxV = bf16.logits(bf16.params, tokens_BxT, mask_BxT)
-    assert relative_error(ours_BxTxV, fp32.logits(fp32.params, tokens_BxT, mask_BxT), mask_BxT) < 0.1
+    ref_BxTxV = fp32.logits(fp32.params, tokens_BxT, mask_BxT)
+    assert relative_error(ours_BxTxV, ref_BxTxV, mask_BxT) < 0.1
 
 
 # ----------------------------------------------------------------------------- scalar models
@@ -216,7 +223,8 @@ def test_scalar_model_matches_sequence_classification(hf_reward_model):
 def test_scalar_export_round_trip_keeps_head_bias(hf_reward_model, tmp_path):
     _, folder = hf_reward_model
     loaded = load_scalar_model(folder)
-    params = {**loaded.params, "head": {**loaded.params["head"], "bias": np.full(1, 0.5, np.float32)}}
+    head = {**loaded.params["head"], "bias": np.full(1, 0.5, np.float32)}
+    params = {**loaded.params, "head": head}
     export_hf(params, tmp_path, config=loaded.config)
 
     again = load_scalar_model(tmp_path)
@@ -254,3 +262,63 @@ def test_scalar_model_from_causal_lm(hf_tiny):
     expected_BxT = hidden_BxTxD @ fresh_head["kernel"][:, 0] + fresh_head["bias"][0]
     scores_BxT = forward(from_lm, tokens_BxT, mask_BxT, ScalarModel(lm.config))
     np.testing.assert_allclose(scores_BxT, expected_BxT, rtol=1e-5, atol=1e-5)
+
+
+def write_gguf(model: torch.nn.Module, path) -> None:
+    """An fp32 GGUF of `model`, as llama.cpp's convert_hf_to_gguf.py lays it out."""
+    config, model_type = model.config, model.config.model_type
+    arch = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}[model_type]
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    writer = gguf.GGUFWriter(path, model_type)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_key_length(head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_vocab_size(config.vocab_size)
+    rope_heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    for name, tensor in model.state_dict().items():
+        module, suffix = name.rsplit(".", 1)
+        array = tensor.numpy()
+        heads = rope_heads.get(module.rsplit(".", 1)[-1])
+        if model_type == "llama" and suffix == "weight" and heads:
+            # llama.cpp's `permute`: interleave the two RoPE halves of each head's rows.
+            array = array.reshape(heads, 2, -1, array.shape[-1]).swapaxes(1, 2).reshape(array.shape)
+        writer.add_tensor(f"{names.get_name(module)}.{suffix}", np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "model_type, extra",
+    # transformers' GGUF reader ignores key_length, so Qwen3 keeps its default head_dim 128.
+    [("llama", {}), ("qwen2", {}), ("qwen3", dict(head_dim=128))],
+)
+def test_gguf_matches_transformers_gguf_loader(
+    model_type, extra, tmp_path, torch_logits, relative_error
+):
+    config = transformers.CONFIG_MAPPING[model_type](**TINY, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model.eval()
+    randomize_(model, seed=3)
+    write_gguf(model, tmp_path / "tiny.gguf")
+
+    loaded = load_model(tmp_path / "tiny.gguf")
+    gguf_eps = float(np.float32(config.rms_norm_eps))  # GGUF stores it as float32
+    assert loaded.config == config_from_hf(config.to_dict(), rms_norm_eps=gguf_eps)
+    assert loaded.tokenizer is None
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="tiny.gguf", attn_implementation="eager"
+    ).eval()
+    tokens_BxT, mask_BxT = left_padded_batch(config.vocab_size)
+    ours_BxTxV = loaded.logits(loaded.params, tokens_BxT, mask_BxT)
+    for ref in (reference, model):
+        assert relative_error(ours_BxTxV, torch_logits(ref, tokens_BxT, mask_BxT), mask_BxT) <= 1e-4

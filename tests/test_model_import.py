@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import jax
@@ -28,15 +29,17 @@ def test_import_does_not_import_torch():
     )
 
 
-def test_loading_a_folder_and_a_gguf_tokenizer_does_not_import_torch(smollm2, smollm2_gguf, tmp_path):
-    export_hf(init_params(CONFIG, jax.random.key(0)), tmp_path, config=CONFIG, tokenizer=smollm2.tokenizer)
-    run_python(
-        "import sys, jaxrl_llm\n"
-        "from jaxrl_llm import tokenizer\n"
-        f"model = jaxrl_llm.load_model({str(tmp_path)!r})\n"
-        f"gguf_tokenizer = tokenizer.load_tokenizer({str(smollm2_gguf)!r})\n"
-        "tokens, mask = tokenizer.encode_prompts(model.tokenizer, [[{'role': 'user', 'content': 'hi'}]], 64)\n"
-        "assert tokenizer.encode_prompts(gguf_tokenizer, [[{'role': 'user', 'content': 'hi'}]], 64)[0].tolist() == tokens.tolist()\n"
-        "model.logits(model.params, tokens, mask).block_until_ready()\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-    )
+def test_loading_folder_and_gguf_tokenizer_does_not_import_torch(smollm2, smollm2_gguf, tmp_path):
+    params = init_params(CONFIG, jax.random.key(0))
+    export_hf(params, tmp_path, config=CONFIG, tokenizer=smollm2.tokenizer)
+    run_python(textwrap.dedent(f"""
+        import sys, jaxrl_llm
+        from jaxrl_llm import tokenizer
+        model = jaxrl_llm.load_model({str(tmp_path)!r})
+        from_gguf = tokenizer.load_tokenizer({str(smollm2_gguf)!r})
+        chat = [[{{"role": "user", "content": "hi"}}]]
+        tokens, mask = tokenizer.encode_prompts(model.tokenizer, chat, 64)
+        assert tokenizer.encode_prompts(from_gguf, chat, 64)[0].tolist() == tokens.tolist()
+        model.logits(model.params, tokens, mask).block_until_ready()
+        assert "torch" not in sys.modules, "torch was imported"
+    """))

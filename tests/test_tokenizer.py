@@ -26,13 +26,15 @@ def test_encode_prompts_left_pads_strings_and_chats(smollm2):
         ids = prompt_ids(tokenizer, prompt)
         pad = 48 - len(ids)
         assert tokens_BxP[row, pad:].tolist() == ids and mask_BxP[row, pad:].all()
-        assert (tokens_BxP[row, :pad] == tokenizer.pad_token_id).all() and not mask_BxP[row, :pad].any()
+        assert (tokens_BxP[row, :pad] == tokenizer.pad_token_id).all()
+        assert not mask_BxP[row, :pad].any()
     assert prompt_ids(tokenizer, PROMPTS[1]) == apply_chat_template(tokenizer, PROMPTS[1])
 
 
 def test_prompt_over_budget_names_index_length_and_budget(smollm2):
     length = len(prompt_ids(smollm2.tokenizer, PROMPTS[1]))
-    with pytest.raises(TokenizerError, match=f"prompt 1 is {length} tokens long, over the budget max_len=5"):
+    message = f"prompt 1 is {length} tokens long, over the budget max_len=5"
+    with pytest.raises(TokenizerError, match=message):
         encode_prompts(smollm2.tokenizer, PROMPTS, max_len=5)
 
 
@@ -60,7 +62,8 @@ def test_pad_defaults_to_eos(smollm2):
 def test_folder_round_trip_and_missing_tokenizer(smollm2, tmp_path):
     smollm2.tokenizer.save_pretrained(tmp_path / "tok")
     again = load_tokenizer(tmp_path / "tok")
-    assert apply_chat_template(again, PROMPTS[1]) == apply_chat_template(smollm2.tokenizer, PROMPTS[1])
+    chat = PROMPTS[1]
+    assert apply_chat_template(again, chat) == apply_chat_template(smollm2.tokenizer, chat)
     assert again.pad_token_id == smollm2.tokenizer.pad_token_id
     with pytest.raises(TokenizerError, match=f"{tmp_path}: no tokenizer.json"):
         load_tokenizer(tmp_path)

@@ -68,13 +68,13 @@ class LoadedModel:
 
 
 @functools.partial(jax.jit, static_argnames="module")
-def forward(params: dict, tokens_BxT: jax.Array, mask_BxT: jax.Array, module: nn.Module) -> jax.Array:
-    """Full forward of a Transformer (logits_BxTxV) or ScalarModel (scores_BxT) over a padded batch."""
+def forward(
+    params: dict, tokens_BxT: jax.Array, mask_BxT: jax.Array, module: nn.Module
+) -> jax.Array:
+    """Full forward of a Transformer (logits_BxTxV) or ScalarModel (scores_BxT), padded batch."""
     out = module.apply({"params": params}, tokens_BxT, positions_from_mask(mask_BxT), mask_BxT)
     return out[0] if isinstance(module, Transformer) else out
 
-
-# ----------------------------------------------------------------------------- configs
 
 
 def config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
@@ -110,14 +110,16 @@ def config_from_hf(hf: dict, **overrides: Any) -> ModelConfig:
     )
     try:
         return ModelConfig(**{**fields, **overrides})
-    except ValueError as err:
+    except (TypeError, ValueError) as err:  # TypeError: an override that is not a field
         raise ModelLoadError(str(err)) from None
 
 
 def _check_hf_architecture(hf: dict) -> None:
     """Reject HF options our decoder does not implement, rather than load them wrongly."""
     if hf.get("hidden_act", "silu") != "silu":
-        raise ModelLoadError(f"hidden_act {hf['hidden_act']!r} is not supported; only silu (SwiGLU).")
+        raise ModelLoadError(
+            f"hidden_act {hf['hidden_act']!r} is not supported; only silu (SwiGLU)."
+        )
     if hf.get("mlp_bias"):
         raise ModelLoadError("mlp_bias=true is not supported.")
     if hf.get("attention_bias") and hf["model_type"] != "qwen2":
@@ -132,7 +134,9 @@ def _rope_from_hf(hf: dict) -> dict:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "linear", "llama3"):
-        raise ModelLoadError(f"rope_type {rope_type!r} is not supported; use default, linear or llama3.")
+        raise ModelLoadError(
+            f"rope_type {rope_type!r} is not supported; use default, linear or llama3."
+        )
     return dict(
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         rope_type=rope_type,
@@ -226,8 +230,6 @@ def _family_fields_to_hf(config: ModelConfig) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- tensor layout
-
 
 class TensorSpec(NamedTuple):
     """One HF tensor and its place in our tree: ours = hf.reshape(split).transpose(perm)."""
@@ -273,7 +275,9 @@ def _backbone_specs(config: ModelConfig) -> list[TensorSpec]:
         TensorSpec("model.embed_tokens.weight", ("embed", "embedding"), (V, D), (V, D), (0, 1)),
         _vector("model.norm.weight", ("final_norm", "scale"), D),
         _vector(layer + "input_layernorm.weight", ("layers", "input_norm", "scale"), D),
-        _vector(layer + "post_attention_layernorm.weight", ("layers", "post_attn_norm", "scale"), D),
+        _vector(
+            layer + "post_attention_layernorm.weight", ("layers", "post_attn_norm", "scale"), D
+        ),
         *(
             TensorSpec(layer + f"self_attn.{n}_proj.weight", (*attn, f"{n}_proj", "kernel"),
                        (heads * E, D), (heads, E, D), (2, 0, 1))
@@ -313,8 +317,6 @@ def tensor_specs(config: ModelConfig, scalar: bool = False) -> list[TensorSpec]:
         _dense("lm_head.weight", ("lm_head", "kernel"), config.vocab_size, config.hidden_size)
     ]
 
-
-# ----------------------------------------------------------------------------- reading sources
 
 TensorReader = Callable[[str], "tuple[str, Callable[[], np.ndarray]] | None"]
 
@@ -397,7 +399,9 @@ def _safetensors_files(folder: Path) -> list[Path]:
         return [folder / name for name in sorted(set(weight_map.values()))]
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
-    others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+    others = sorted(
+        p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")
+    )
     raise ModelLoadError(
         f"{folder}: no model.safetensors or model.safetensors.index.json"
         + (f" (found {', '.join(others)}; re-save it with transformers' save_pretrained, "
@@ -416,15 +420,16 @@ def _open_safetensors(file: Path):
 
 
 def _read_gguf(path: Path) -> Checkpoint:
-    """A .gguf file: config and tokenizer from its metadata, tensors dequantized on demand."""
+    """A .gguf file: config and tokenizer (if any) from its metadata; tensors dequantized lazily."""
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as err:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({err}).") from None
     hf_config = _hf_config_from_gguf(reader, path)
+    has_tokenizer = "tokenizer.ggml.tokens" in reader.fields
     return Checkpoint(
         path, path, hf_config, _gguf_finder(reader, hf_config, path),
-        tokenizer_lib.tokenizer_from_gguf(reader),
+        tokenizer_lib.tokenizer_from_gguf(reader) if has_tokenizer else None,
     )
 
 
@@ -466,6 +471,9 @@ def _hf_config_from_gguf(reader: gguf.GGUFReader, path: Path) -> dict:
         "max_position_embeddings": meta(f"{arch}.context_length"),
         "tie_word_embeddings": "output.weight" not in tensors,
     }
+    missing = [key for key in _REQUIRED_HF_KEYS if hf[key] is None]
+    if missing:
+        raise ModelLoadError(f"{path}: the GGUF metadata gives no {', '.join(missing)}.")
     return {key: value for key, value in hf.items() if value is not None}
 
 
@@ -501,8 +509,6 @@ def _dequantize(tensor, rope_heads: int | None) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-# ----------------------------------------------------------------------------- params
-
 
 def params_from_checkpoint(ckpt: Checkpoint, specs: list[TensorSpec], config: ModelConfig) -> dict:
     """Our param tree, read one HF tensor at a time into `config.param_dtype`."""
@@ -533,8 +539,8 @@ def _read_tensor(ckpt: Checkpoint, spec: TensorSpec, name: str) -> np.ndarray:
     hf_array = load()
     if tuple(hf_array.shape) != spec.hf_shape:
         raise ModelLoadError(
-            f"{file}: tensor {name!r} has shape {tuple(hf_array.shape)}, but {ckpt.config_file.name} "
-            f"implies {spec.hf_shape}."
+            f"{file}: tensor {name!r} has shape {tuple(hf_array.shape)}, but "
+            f"{ckpt.config_file.name} implies {spec.hf_shape}."
         )
     return spec.to_ours(hf_array)
 
@@ -564,8 +570,6 @@ def _get_path(tree: dict, path: tuple[str, ...]) -> Any:
     except (KeyError, TypeError):
         raise ValueError(f"params have no {'/'.join(path)}, which the config needs.") from None
 
-
-# ----------------------------------------------------------------------------- entry points
 
 
 def _config(ckpt: Checkpoint, dtype: str, param_dtype: str | None, overrides: dict) -> ModelConfig:
@@ -611,7 +615,8 @@ def load_scalar_model(
         )
     else:
         backbone = [spec for spec in specs if spec.path[0] == "model"]
-        params = {**params_from_checkpoint(ckpt, backbone, config), "head": _fresh_head(config, key)}
+        params = params_from_checkpoint(ckpt, backbone, config)
+        params["head"] = _fresh_head(config, key)
     return LoadedModel(config, params, ckpt.tokenizer, ScalarModel(config))
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks: each prints our numbers beside the PyTorch/transformers baseline of the same run."""

