@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from jaxrl_llm.algorithms import common
-from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step, rollout_batch
+from jaxrl_llm.algorithms.common import rollout_batch
+from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step
 from jaxrl_llm.config import GRPOSection
 from jaxrl_llm.models.transformer import ModelConfig, Transformer, init_params, positions_from_mask
 from jaxrl_llm.sampling import SamplingConfig, generate

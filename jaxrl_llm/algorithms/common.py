@@ -24,8 +24,28 @@ from jaxrl_llm.models.transformer import (
     lm_head_weight,
     positions_from_mask,
 )
+from jaxrl_llm.sampling import Completions
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def rollout_batch(completions: Completions, rewards_R=None) -> dict:
+    """An RL step's input: prompt + completion tokens and masks, truncation flags and the
+    host-scored rewards (zeros when a reward model scores inside the step)."""
+    P = completions.prompt_tokens_RxP.shape[1]
+    tokens_RxT = jnp.concatenate([completions.prompt_tokens_RxP, completions.tokens_RxN], axis=1)
+    completion_RxT = jnp.concatenate(
+        [jnp.zeros_like(completions.prompt_mask_RxP), completions.mask_RxN.astype(jnp.int32)], axis=1
+    )
+    mask_RxT = completion_RxT.at[:, :P].set(completions.prompt_mask_RxP.astype(jnp.int32))
+    return {
+        "tokens": tokens_RxT,
+        "mask": mask_RxT,
+        "completion_mask": completion_RxT,
+        "rewards": jnp.zeros(tokens_RxT.shape[0], jnp.float32) if rewards_R is None
+        else jnp.asarray(rewards_R, jnp.float32),
+        "truncated": completions.truncated_R,
+    }
 
 
 def final_hidden(params, model_config: ModelConfig, tokens_BxT, mask_BxT):

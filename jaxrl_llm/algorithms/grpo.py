@@ -34,7 +34,6 @@ from jaxrl_llm.core import (
     policy_loss,
 )
 from jaxrl_llm.models.transformer import ModelConfig
-from jaxrl_llm.sampling import Completions
 from jaxrl_llm.state import TrainState
 
 
@@ -48,23 +47,6 @@ class GRPOState(struct.PyTreeNode):
 def uses_reference(cfg: GRPOSection) -> bool:
     """Whether the KL term, and so a reference model, is active."""
     return cfg.kl_coef > 0 and cfg.kl_placement != "none"
-
-
-def rollout_batch(completions: Completions, rewards_R) -> dict:
-    """The step's input: prompt + completion tokens and masks, rewards and the truncation flags."""
-    P = completions.prompt_tokens_RxP.shape[1]
-    tokens_RxT = jnp.concatenate([completions.prompt_tokens_RxP, completions.tokens_RxN], axis=1)
-    completion_RxT = jnp.concatenate(
-        [jnp.zeros_like(completions.prompt_mask_RxP), completions.mask_RxN.astype(jnp.int32)], axis=1
-    )
-    mask_RxT = completion_RxT.at[:, :P].set(completions.prompt_mask_RxP.astype(jnp.int32))
-    return {
-        "tokens": tokens_RxT,
-        "mask": mask_RxT,
-        "completion_mask": completion_RxT,
-        "rewards": jnp.asarray(rewards_R, jnp.float32),
-        "truncated": completions.truncated_R,
-    }
 
 
 def _masked_mean(x_RxT, mask_RxT):

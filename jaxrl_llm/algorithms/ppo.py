@@ -1,0 +1,198 @@
+"""PPO for RLHF as the seed design lays it out (Ziegler et al. 2019; Ouyang et al. 2022).
+
+Four models: the actor π_θ (trained), the critic V_φ (trained, its own optimizer), the frozen
+reference π_SFT and the frozen reward model. Shapes: R rollout rows, T tokens (prompt left-padded,
+then completion right-padded), U updates (epochs × minibatches).
+
+One jitted step takes a sampled rollout and does, in order: old log-probs, reference log-probs,
+old values and the RM score; per-token rewards r_t = −β·KL_t with the score added at the last
+completion token; GAE (λ, γ) and returns R = A + V; whitened advantages; then `epochs` passes over
+shuffled minibatches updating actor (clipped surrogate − entropy bonus) and critic (clipped value
+loss); finally the adaptive KL controller's β update, if on.
+
+Alignment: the state that emits token t is the prefix tokens < t, whose value the critic gives at
+position t − 1; values are shifted right by one like the log-probs (`common.score_tokens`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxrl_llm.algorithms.common import (
+    accumulate_gradients,
+    final_hidden,
+    hidden_full_kl,
+    hidden_logprobs,
+    scalar_scores,
+)
+from jaxrl_llm.config import PPOSection
+from jaxrl_llm.core import (
+    adaptive_kl_update,
+    aggregate,
+    entropy_bonus,
+    gae,
+    kl_estimate,
+    loss_normalizer,
+    policy_loss,
+    ppo_token_rewards,
+    value_loss,
+    whiten,
+)
+from jaxrl_llm.models.transformer import ModelConfig
+from jaxrl_llm.state import TrainState
+
+
+class PPOState(struct.PyTreeNode):
+    """Actor and critic with their optimizers, the frozen reference and reward model, and β."""
+
+    actor: TrainState
+    critic: TrainState
+    ref_params: Any
+    reward_params: Any  # None: the score is the batch's host-computed `rewards`
+    kl_coef: jax.Array
+
+    @classmethod
+    def create(cls, actor, critic, ref_params, reward_params, kl_coef: float) -> "PPOState":
+        return cls(actor, critic, ref_params, reward_params, jnp.asarray(kl_coef, jnp.float32))
+
+
+def _shift_right(x_RxT):
+    return jnp.pad(x_RxT[:, :-1], ((0, 0), (1, 0)))
+
+
+def _masked_mean(x_RxT, mask_RxT):
+    m = mask_RxT.astype(jnp.float32)
+    return jnp.sum(x_RxT * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def explained_variance(values_RxT, returns_RxT, mask_RxT):
+    """1 − Var(R − V)/Var(R) over valid tokens: 1 is a perfect critic, ≤ 0 no better than a constant."""
+    def var(x):
+        mean = _masked_mean(x, mask_RxT)
+        return _masked_mean(jnp.square(x - mean), mask_RxT)
+
+    return 1.0 - var(returns_RxT - values_RxT) / jnp.maximum(var(returns_RxT), 1e-8)
+
+
+def make_ppo_step(
+    model_config: ModelConfig, cfg: PPOSection, temperature: float = 1.0, num_microbatches: int = 1,
+    critic_config: ModelConfig | None = None, reward_config: ModelConfig | None = None,
+    chunk_size: int = 128,
+):
+    """`step(state, batch, key) -> (state, metrics)` on a `common.rollout_batch`."""
+    critic_config = critic_config or model_config
+    reward_config = reward_config or model_config
+    full_kl = cfg.kl_estimator == "full"
+
+    def policy_scores(params, batch):
+        hidden_RxTxD = final_hidden(params, model_config, batch["tokens"], batch["mask"])
+        logp_RxT, entropy_RxT = hidden_logprobs(
+            params, model_config, hidden_RxTxD, batch["tokens"], temperature, True, chunk_size
+        )
+        return hidden_RxTxD, logp_RxT, entropy_RxT
+
+    def values_of(params, batch):
+        values_RxT, _ = scalar_scores(params, critic_config, batch["tokens"], batch["mask"])
+        return _shift_right(values_RxT)
+
+    def step(state: PPOState, batch: dict, key: jax.Array):
+        batch = jax.tree.map(jnp.asarray, batch)
+        R = batch["tokens"].shape[0]
+        mask_RxT = batch["completion_mask"]
+
+        hidden_RxTxD, old_logp_RxT, _ = jax.lax.stop_gradient(policy_scores(state.actor.params, batch))
+        ref_hidden_RxTxD, ref_logp_RxT, _ = policy_scores(state.ref_params, batch)
+        if full_kl:
+            kl_RxT = hidden_full_kl(
+                state.actor.params, hidden_RxTxD, state.ref_params, ref_hidden_RxTxD, model_config,
+                temperature, chunk_size,
+            )
+        else:
+            kl_RxT = kl_estimate(old_logp_RxT, ref_logp_RxT, cfg.kl_estimator)
+        if state.reward_params is None:
+            score_R = batch["rewards"]
+        else:
+            _, score_R = scalar_scores(state.reward_params, reward_config, batch["tokens"], batch["mask"])
+        if cfg.reward_clip is not None:
+            score_R = jnp.clip(score_R, -cfg.reward_clip, cfg.reward_clip)
+        rewards_RxT = ppo_token_rewards(
+            score_R, kl_RxT, mask_RxT, state.kl_coef, batch["truncated"], cfg.missing_stop_penalty or 0.0
+        )
+        old_values_RxT = values_of(state.critic.params, batch)
+        adv_RxT, returns_RxT = gae(rewards_RxT, old_values_RxT, mask_RxT, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv_RxT = whiten(adv_RxT, mask_RxT)
+        batch = {
+            **batch, "old_logp": old_logp_RxT, "old_values": old_values_RxT,
+            "adv": adv_RxT, "returns": returns_RxT,
+        }
+
+        def actor_loss(params, mb, normalizer):
+            _, logp_RxT, entropy_RxT = policy_scores(params, mb)
+            m_RxT = mb["completion_mask"]
+            pg_RxT, out = policy_loss(
+                logp_RxT, mb["old_logp"], mb["adv"], m_RxT, "ppo", eps_low=cfg.eps, eps_high=cfg.eps
+            )
+            pg_loss = aggregate(pg_RxT, m_RxT, "token_mean", normalizer)
+            loss = pg_loss + entropy_bonus(entropy_RxT, m_RxT, cfg.entropy_coef, "token_mean", normalizer)
+            return loss, {**out, "pg_loss": pg_loss, "entropy": _masked_mean(entropy_RxT, m_RxT)}
+
+        def critic_loss(params, mb, normalizer):
+            values_RxT = values_of(params, mb)
+            vf_RxT, out = value_loss(
+                values_RxT, mb["old_values"], mb["returns"], mb["completion_mask"], cfg.value_clip
+            )
+            vf_loss = aggregate(vf_RxT, mb["completion_mask"], "token_mean", normalizer)
+            return cfg.vf_coef * vf_loss, {**out, "vf_loss": vf_loss}
+
+        def one_update(models, rows):
+            actor, critic = models
+            mb = jax.tree.map(lambda x: x[rows], batch)
+            normalizer = loss_normalizer(mb["completion_mask"], "token_mean")
+            _, actor_grads, actor_out = accumulate_gradients(
+                lambda p, micro: actor_loss(p, micro, normalizer), actor.params, mb, num_microbatches
+            )
+            _, critic_grads, critic_out = accumulate_gradients(
+                lambda p, micro: critic_loss(p, micro, normalizer), critic.params, mb, num_microbatches
+            )
+            out = {
+                **actor_out, **critic_out,
+                "grad_norm/actor": optax.tree.norm(actor_grads),
+                "grad_norm/critic": optax.tree.norm(critic_grads),
+            }
+            return (actor.apply_gradients(actor_grads), critic.apply_gradients(critic_grads)), out
+
+        rows_UxS = jnp.concatenate([
+            jax.random.permutation(jax.random.fold_in(key, epoch), R).reshape(cfg.num_minibatches, -1)
+            for epoch in range(cfg.epochs)
+        ])
+        (actor, critic), update_metrics = jax.lax.scan(one_update, (state.actor, state.critic), rows_UxS)
+
+        seq_kl_R = jnp.sum(kl_RxT * mask_RxT, axis=1)
+        kl_coef = state.kl_coef
+        if cfg.adaptive_kl:
+            kl_coef = adaptive_kl_update(kl_coef, jnp.mean(seq_kl_R), cfg.kl_target, cfg.kl_horizon, R)
+        lengths_R = mask_RxT.sum(axis=1).astype(jnp.float32)
+        metrics = {
+            **jax.tree.map(lambda m: jnp.mean(m, axis=0), update_metrics),
+            "score/mean": jnp.mean(score_R),
+            "score/std": jnp.std(score_R),
+            "reward/mean": jnp.mean(jnp.sum(rewards_RxT, axis=1)),
+            "reward/non_score": jnp.mean(jnp.sum(rewards_RxT, axis=1) - score_R),
+            "kl": jnp.mean(seq_kl_R),
+            "kl_coef": state.kl_coef,
+            "values/mean": _masked_mean(old_values_RxT, mask_RxT),
+            "returns/mean": _masked_mean(returns_RxT, mask_RxT),
+            "explained_variance": explained_variance(old_values_RxT, returns_RxT, mask_RxT),
+            "response_length/mean": jnp.mean(lengths_R),
+            "response_length/max": jnp.max(lengths_R),
+            "truncated_fraction": jnp.mean(batch["truncated"].astype(jnp.float32)),
+        }
+        return state.replace(actor=actor, critic=critic, kl_coef=kl_coef), metrics
+
+    return step
