@@ -137,3 +137,21 @@ def decode(
         tokenizer.decode(row[keep].tolist(), skip_special_tokens=skip_special_tokens)
         for row, keep in zip(tokens_BxT, mask_BxT)
     ]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer over printable ASCII, for the built-in tiny models.
+
+    Ids: 0 <pad>, 1 <eos>, 2 <unk>, then the 95 characters from space to '~'. It is a real
+    `PreTrainedTokenizerFast`, so it saves with an exported model and transformers loads it.
+    """
+    from tokenizers import Tokenizer, decoders, models
+
+    characters = [chr(code) for code in range(32, 127)]
+    vocab = {token: i for i, token in enumerate(["<pad>", "<eos>", "<unk>", *characters])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    return resolve_special_tokens(tokenizer)

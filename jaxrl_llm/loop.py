@@ -1,0 +1,482 @@
+"""The outer Python loop: data -> jitted step -> metrics -> checkpoint, for every algorithm.
+
+Shapes: B rows, T tokens, P prompts per RL step, G samples per prompt.
+
+Each algorithm is a `Phase`: an initial train state, a jitted `step(state, batch, key)`, a host
+function that builds the batch of a given step (for RL it samples and scores a rollout), an
+optional evaluation, and how to read the policy params out of the state. `train` runs any phase
+with resumable checkpoints, JSONL metrics, a progress bar, an end-of-run export and plot.
+
+Reproducibility: the batch of step s depends only on (seed, s) and its key is
+`fold_in(key(seed), s)`, so a resumed run continues exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_llm import checkpoint, data, metrics as metrics_lib, rewards as rewards_lib, tokenizer as tok
+from jaxrl_llm.algorithms.common import make_optimizer, rollout_batch, scalar_scores, score_tokens
+from jaxrl_llm.algorithms.dpo import DPOState, completion_logps, make_dpo_step
+from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step, uses_reference
+from jaxrl_llm.algorithms.ppo import PPOState, make_ppo_step
+from jaxrl_llm.algorithms.rm import make_rm_eval, make_rm_step
+from jaxrl_llm.algorithms.sft import make_sft_step
+from jaxrl_llm.config import Config, config_to_dict, save_config
+from jaxrl_llm.core import dpo_loss, sft_loss
+from jaxrl_llm.models.hf import export_hf, init_scalar_params_from_lm, load_model, load_scalar_model
+from jaxrl_llm.models.transformer import ModelConfig, init_params
+from jaxrl_llm.sampling import SamplingConfig, generate
+from jaxrl_llm.state import TrainState
+
+CONSOLE_METRICS = ("loss", "reward/mean", "accuracy", "kl", "eval/accuracy", "eval/reward")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class Policy:
+    """A model ready to train: architecture, params and tokenizer."""
+
+    config: ModelConfig
+    params: Any
+    tokenizer: Any
+
+
+@dataclasses.dataclass
+class Phase:
+    """One algorithm's pieces, as the loop drives them."""
+
+    state: Any
+    step: Callable
+    make_batch: Callable[[Any, int], tuple[dict, dict]]
+    policy_params: Callable[[Any], Any]
+    evaluate: Callable[[Any], dict] | None = None
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What a finished run leaves: its folder, the trained policy and the last metrics."""
+
+    run_dir: str
+    policy: Policy
+    metrics: dict
+
+
+# ---------------------------------------------------------------- models and tokens
+
+
+def load_policy(config: Config, source: str | None = None) -> Policy:
+    """The starting model: the built-in tiny decoder with a character tokenizer, or a loaded one."""
+    source = source or config.model.source
+    model = config.model
+    if source == "tiny":
+        tokenizer = tok.char_tokenizer()
+        tiny = model.tiny
+        model_config = ModelConfig(
+            vocab_size=tiny.vocab_size or len(tokenizer), hidden_size=tiny.hidden_size,
+            intermediate_size=tiny.intermediate_size, num_layers=tiny.num_layers,
+            num_heads=tiny.num_heads, num_kv_heads=tiny.num_kv_heads, head_dim=tiny.head_dim,
+            max_position_embeddings=tiny.max_position_embeddings, tie_word_embeddings=True,
+            dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
+        )
+        return Policy(model_config, init_params(model_config, jax.random.key(config.seed)), tokenizer)
+    loaded = load_model(source, dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat)
+    if loaded.tokenizer is None:
+        raise TrainingError(f"{source} has no tokenizer; training needs one to encode prompts.")
+    return Policy(loaded.config, loaded.params, loaded.tokenizer)
+
+
+def completion_ids(tokenizer, text: str) -> list[int]:
+    """A completion's ids, ended with EOS so the model learns to stop."""
+    return tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
+def sampling_config(config: Config, tokenizer, n: int, greedy: bool = False) -> SamplingConfig:
+    """Sampler settings of a run: EOS and the configured extra stop ids end an answer."""
+    s = config.sampling
+    return SamplingConfig(
+        max_new_tokens=config.data.max_completion_len, temperature=0.0 if greedy else s.temperature,
+        top_k=s.top_k, top_p=s.top_p, n=n, pad_token_id=tokenizer.pad_token_id,
+        stop_token_ids=tuple(dict.fromkeys((tokenizer.eos_token_id, *s.stop_token_ids))),
+    )
+
+
+def sequence_batch(tokenizer, examples: list[dict], config: Config, completion_field="completion") -> dict:
+    """tokens/mask/completion_mask of [left-padded prompt | right-padded completion + EOS]."""
+    d = config.data
+    tokens, mask, completion = data.pad_prompt_completion(
+        [e["prompt_ids"] for e in examples],
+        [completion_ids(tokenizer, e[completion_field]) for e in examples],
+        d.max_prompt_len, d.max_completion_len, tokenizer.pad_token_id,
+    )
+    return {"tokens": tokens, "mask": mask.astype(np.int32), "completion_mask": completion.astype(np.int32)}
+
+
+def pair_batch(tokenizer, examples: list[dict], config: Config) -> dict:
+    """chosen_* and rejected_* sequence batches padded to one common width."""
+    chosen = sequence_batch(tokenizer, examples, config, "chosen")
+    rejected = sequence_batch(tokenizer, examples, config, "rejected")
+    width = max(chosen["tokens"].shape[1], rejected["tokens"].shape[1])
+    pad = lambda x: np.pad(x, ((0, 0), (0, width - x.shape[1])))
+    return {f"{name}_{key}": pad(value) for name, batch in (("chosen", chosen), ("rejected", rejected))
+            for key, value in batch.items()}
+
+
+def _own_copy(tree):
+    """A copy with its own buffers: the jitted step donates its state, so no two leaves may share one."""
+    return jax.tree.map(jnp.copy, tree)
+
+
+def reference_params(config: Config, policy: Policy):
+    """The frozen reference: model.ref_path when set, else a copy of the starting policy (π_SFT)."""
+    if config.model.ref_path:
+        return load_policy(config, config.model.ref_path).params
+    return _own_copy(policy.params)
+
+
+def _rows(examples: list[dict], count: int, step: int, seed: int, shuffle: bool) -> list[dict]:
+    return [examples[i] for i in data.batch_indices(len(examples), count, step, seed, shuffle)]
+
+
+# ---------------------------------------------------------------- phases
+
+
+def _optimizer(config: Config, lr: float | None = None, total_steps: int | None = None):
+    o = config.optim
+    return make_optimizer(
+        o.lr if lr is None else lr, total_steps or config.train.total_steps, o.schedule, o.warmup_steps,
+        o.weight_decay, o.b1, o.b2, o.eps, o.grad_clip,
+    )
+
+
+def sft_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
+    """Masked next-token training on prompt/completion examples."""
+    step = make_sft_step(policy.config, num_microbatches=config.train.grad_accum)
+    d = config.data
+
+    def make_batch(state, s):
+        return sequence_batch(policy.tokenizer, _rows(train_set, d.batch_size, s, config.seed, d.shuffle), config), {}
+
+    eval_loss = jax.jit(lambda params, b: sft_loss(
+        score_tokens(params, policy.config, b["tokens"], b["mask"]), b["completion_mask"]
+    ))
+
+    def evaluate(state):
+        return {"eval/loss": eval_loss(state.params, sequence_batch(policy.tokenizer, eval_set, config))}
+
+    state = TrainState.create(policy.params, _optimizer(config))
+    return Phase(state, step, make_batch, lambda st: st.params, evaluate)
+
+
+def rm_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
+    """Bradley–Terry training of a scalar head on the policy's backbone."""
+    key = jax.random.key(config.seed + 1)
+    params = init_scalar_params_from_lm(_own_copy(policy.params), key, policy.config)
+    step = make_rm_step(policy.config, config.train.grad_accum, config.rm.margin, config.rm.center_coef)
+    evaluate_pairs = jax.jit(make_rm_eval(policy.config))
+    d = config.data
+
+    def make_batch(state, s):
+        return pair_batch(policy.tokenizer, _rows(train_set, d.batch_size, s, config.seed, d.shuffle), config), {}
+
+    def evaluate(state):
+        out = evaluate_pairs(state.params, pair_batch(policy.tokenizer, eval_set, config))
+        return {"eval/accuracy": out["accuracy"], "eval/margin": out["margin"], "eval/loss": out["loss"]}
+
+    state = TrainState.create(params, _optimizer(config))
+    return Phase(state, step, make_batch, lambda st: st.params, evaluate)
+
+
+def dpo_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
+    """DPO against the frozen reference (the starting policy unless model.ref_path is set)."""
+    ref = reference_params(config, policy)
+    dpo = config.dpo
+    step = make_dpo_step(policy.config, dpo.beta, dpo.loss, dpo.label_smoothing, config.train.grad_accum)
+    d = config.data
+
+    def make_batch(state, s):
+        return pair_batch(policy.tokenizer, _rows(train_set, d.batch_size, s, config.seed, d.shuffle), config), {}
+
+    def eval_metrics(params, ref_params, b):
+        (chosen, rejected), (ref_chosen, ref_rejected) = (
+            completion_logps(params, policy.config, b), completion_logps(ref_params, policy.config, b)
+        )
+        loss_B, out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, dpo.beta, dpo.loss, dpo.label_smoothing)
+        return {"eval/loss": loss_B.mean(), "eval/accuracy": out["rewards/accuracies"],
+                "eval/margin": out["rewards/margins"]}
+
+    eval_jit = jax.jit(eval_metrics)
+
+    def evaluate(state):
+        return eval_jit(state.policy.params, state.ref_params, pair_batch(policy.tokenizer, eval_set, config))
+
+    state = DPOState(policy=TrainState.create(policy.params, _optimizer(config)), ref_params=ref)
+    return Phase(state, step, make_batch, lambda st: st.policy.params, evaluate)
+
+
+class Rollouts:
+    """Samples G answers per prompt, decodes them and scores them with the reward functions."""
+
+    def __init__(self, config: Config, policy: Policy, examples: list[dict], group_size: int, reward_fn):
+        self.config, self.policy, self.examples, self.group_size = config, policy, examples, group_size
+        self.reward_fn = reward_fn
+        self.sampling = sampling_config(config, policy.tokenizer, group_size)
+
+    def sample(self, params, prompts: list[dict], key, sampling: SamplingConfig | None = None):
+        """Completions, rewards [R] and per-function rewards of `prompts` (rows i·G + j)."""
+        sampling = sampling or self.sampling
+        out = generate(params, [e["prompt_ids"] for e in prompts], key, sampling, self.policy.config)
+        texts = tok.decode(self.policy.tokenizer, out.tokens_RxN, out.mask_RxN)
+        rows = [e for e in prompts for _ in range(sampling.n)]
+        fields = {name: [row.get(name) for row in rows] for name in rows[0] if name not in ("prompt", "prompt_ids")}
+        total_R, parts = self.reward_fn([row["prompt"] for row in rows], texts, **fields)
+        return out, total_R, parts, texts
+
+    def batch(self, params, step: int) -> tuple[dict, dict]:
+        """A rollout of the step's prompts; with dynamic sampling, groups whose rewards all tie are
+        replaced by fresh prompts' groups, up to `dynamic_sampling_max_tries` rounds (DAPO)."""
+        cfg, d = self.config, self.config.data
+        P = d.batch_size // self.group_size
+        key = jax.random.fold_in(jax.random.key(self.config.seed + 2), step)
+        start = time.perf_counter()
+        prompts = _rows(self.examples, P, step, cfg.seed, d.shuffle)
+        out, total_R, parts, _ = self.sample(params, prompts, key)
+        host = {f"reward/{name}": float(np.mean(v)) for name, v in parts.items()}
+        dynamic = cfg.algorithm == "grpo" and cfg.grpo.dynamic_sampling
+        if dynamic:
+            out, total_R, tries = self._dynamic(params, prompts, out, total_R, step, key)
+            host["dynamic_sampling/tries"] = tries
+        host["time/generation"] = time.perf_counter() - start
+        host["tokens/generated"] = float(np.asarray(out.lengths_R).sum())
+        return dict(rollout_batch(out, total_R)), host
+
+    def _dynamic(self, params, prompts, out, total_R, step, key):
+        G = self.group_size
+        informative = lambda r: np.flatnonzero(r.reshape(-1, G).std(axis=1) > 0)
+        keep = [(out, total_R, i) for i in informative(np.asarray(total_R))]
+        tries = 1
+        while len(keep) < len(prompts) and tries < self.config.grpo.dynamic_sampling_max_tries:
+            more = _rows(self.examples, len(prompts), 10_000_000 + step * 64 + tries, self.config.seed, True)
+            extra_out, extra_R, _, _ = self.sample(params, more, jax.random.fold_in(key, tries))
+            keep += [(extra_out, extra_R, i) for i in informative(np.asarray(extra_R))]
+            tries += 1
+        # Too few informative groups after every try: fill with the first round's (zero-advantage) groups.
+        keep += [(out, total_R, i) for i in range(len(prompts))][: max(0, len(prompts) - len(keep))]
+        keep = keep[: len(prompts)]
+        rows = lambda i: slice(i * G, (i + 1) * G)
+        pick = lambda field: jnp.concatenate([getattr(o, field)[rows(i)] for o, _, i in keep])
+        width = max(o.prompt_tokens_RxP.shape[1] for o, _, _ in keep)
+        left = lambda x: jnp.pad(x, ((0, 0), (width - x.shape[1], 0)))
+        merged = out.replace(
+            **{f: pick(f) for f in ("tokens_RxN", "logp_RxN", "mask_RxN", "lengths_R", "truncated_R")},
+            prompt_tokens_RxP=jnp.concatenate([left(o.prompt_tokens_RxP[rows(i)]) for o, _, i in keep]),
+            prompt_mask_RxP=jnp.concatenate([left(o.prompt_mask_RxP[rows(i)]) for o, _, i in keep]),
+        )
+        return merged, np.concatenate([np.asarray(r)[rows(i)] for _, r, i in keep]), tries
+
+    def evaluate(self, params, eval_set: list[dict]) -> dict:
+        """Greedy answers to the held-out prompts: mean reward, exact-answer accuracy, length."""
+        greedy = dataclasses.replace(self.sampling, temperature=0.0, n=1)
+        out, total_R, parts, _ = self.sample(params, eval_set, jax.random.key(0), greedy)
+        result = {"eval/reward": float(np.mean(total_R)), "eval/response_length": float(np.mean(out.lengths_R))}
+        result.update({f"eval/{name}": float(np.mean(v)) for name, v in parts.items()})
+        if "arithmetic_exact" in parts:
+            result["eval/accuracy"] = float(np.mean(parts["arithmetic_exact"] > 0))
+        return result
+
+
+def reward_function(config: Config, registry=rewards_lib.REGISTRY):
+    """The weighted sum of the configured reward functions."""
+    return rewards_lib.combine(config.grpo.reward_functions, config.grpo.reward_weights, registry)
+
+
+def grpo_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
+    """GRPO and its variants on prompts scored by reward functions."""
+    g = config.grpo
+    ref = reference_params(config, policy) if uses_reference(g) else None
+    step = make_grpo_step(
+        policy.config, g, config.sampling.temperature, config.train.grad_accum, config.data.max_completion_len
+    )
+    rollouts = Rollouts(config, policy, train_set, g.group_size, reward_function(config))
+    state = GRPOState(policy=TrainState.create(policy.params, _optimizer(config)), ref_params=ref)
+    return Phase(
+        state, step, lambda st, s: rollouts.batch(st.policy.params, s), lambda st: st.policy.params,
+        lambda st: rollouts.evaluate(st.policy.params, eval_set),
+    )
+
+
+def ppo_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
+    """PPO with actor, critic, frozen reference and frozen reward model (seed design)."""
+    p = config.ppo
+    key = jax.random.key(config.seed + 3)
+    reward_model = load_scalar_model(config.model.reward_model_path, dtype=config.model.dtype)
+    if config.model.critic_path:
+        critic_params = load_scalar_model(config.model.critic_path, key, dtype=config.model.dtype).params
+    else:
+        critic_params = init_scalar_params_from_lm(_own_copy(policy.params), key, policy.config)
+    ref = reference_params(config, policy)
+    step = make_ppo_step(
+        policy.config, p, config.sampling.temperature, config.train.grad_accum,
+        reward_config=reward_model.config,
+    )
+    score = jax.jit(lambda params, tokens, mask: scalar_scores(params, reward_model.config, tokens, mask)[1])
+
+    def rm_reward(prompts, completions, **fields):
+        ids = [tok.prompt_ids(policy.tokenizer, q) + completion_ids(policy.tokenizer, c)[:-1]
+               for q, c in zip(prompts, completions)]
+        tokens, mask = data.left_pad(ids, max(map(len, ids)), policy.tokenizer.pad_token_id)
+        return np.asarray(score(reward_model.params, tokens, mask.astype(np.int32)))
+
+    registry = {**rewards_lib.REGISTRY, "reward_model": rm_reward}
+    eval_names = ("reward_model", "preference_score") if "preference_target" in train_set[0] else ("reward_model",)
+    rollouts = Rollouts(config, policy, train_set, 1, rewards_lib.combine(["reward_model"], None, registry))
+    evaluator = Rollouts(config, policy, train_set, 1, rewards_lib.combine(list(eval_names), None, registry))
+    actor = TrainState.create(policy.params, _optimizer(config))
+    critic = TrainState.create(critic_params, _optimizer(config, lr=config.optim.critic_lr))
+    state = PPOState.create(actor, critic, ref, reward_model.params, p.kl_coef)
+    return Phase(
+        state, step, lambda st, s: rollouts.batch(st.actor.params, s), lambda st: st.actor.params,
+        lambda st: evaluator.evaluate(st.actor.params, eval_set),
+    )
+
+
+PHASES = {"sft": sft_phase, "rm": rm_phase, "dpo": dpo_phase, "grpo": grpo_phase, "ppo": ppo_phase}
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def prepare_examples(config: Config, tokenizer) -> tuple[list[dict], list[dict]]:
+    """(train, eval) examples with prompt ids fitted to the budget."""
+    d = config.data
+    examples = data.load_examples(d, config.algorithm, config.seed)
+    examples = data.tokenize_prompts(
+        examples, lambda prompt: tok.prompt_ids(tokenizer, prompt), d.max_prompt_len, d.prompt_overflow
+    )
+    return data.split_eval(examples, d.eval_size, config.seed)
+
+
+def _finite_or_raise(step: int, row: dict) -> None:
+    bad = [name for name, value in row.items() if not math.isfinite(value)]
+    if bad:
+        raise TrainingError(
+            f"step {step}: non-finite {', '.join(bad)}; stopping before saving, so the last checkpoint "
+            "stays good. Lower optim.lr, raise optim.grad_clip's strictness, or check the data."
+        )
+
+
+def _progress(total: int, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, dynamic_ncols=True, mininterval=1.0, leave=True)
+
+
+def train(config: Config, policy: Policy | None = None, quiet: bool = False) -> RunResult:
+    """Run `config` to the end (resuming when asked), leaving metrics, checkpoints, plot and export."""
+    os.makedirs(config.run_dir, exist_ok=True)
+    if policy is None:
+        policy = load_policy(config)
+    if config.algorithm in ("grpo", "ppo") and config.train.sft_warmup_steps > 0:
+        policy = sft_warmup(config, policy, quiet)
+    save_config(config, os.path.join(config.run_dir, "config.yaml"))
+    train_set, eval_set = prepare_examples(config, policy.tokenizer)
+    phase = PHASES[config.algorithm](config, policy, train_set, eval_set)
+    return run_phase(config, phase, policy, quiet)
+
+
+def sft_warmup(config: Config, policy: Policy, quiet: bool) -> Policy:
+    """The SFT warm start of an RL run, in RUN_DIR/sft_warmup (resumed or reused when present)."""
+    t = config.train
+    warm = dataclasses.replace(
+        config, algorithm="sft", run_dir=os.path.join(config.run_dir, "sft_warmup"),
+        optim=dataclasses.replace(config.optim, lr=t.sft_warmup_lr or config.optim.lr),
+        train=dataclasses.replace(
+            t, total_steps=t.sft_warmup_steps, sft_warmup_steps=0, export_hf=False, resume=True,
+            checkpoint_every=t.sft_warmup_steps,
+        ),
+    )
+    if not quiet:
+        print(f"SFT warm start: {t.sft_warmup_steps} steps in {warm.run_dir}")
+    return train(warm, policy, quiet).policy
+
+
+def run_phase(config: Config, phase: Phase, policy: Policy, quiet: bool = False) -> RunResult:
+    """The step loop of one phase: resume, step, log, evaluate, checkpoint, and finish."""
+    t = config.train
+    manager = checkpoint.checkpoint_manager(
+        os.path.join(config.run_dir, "checkpoints"), t.keep_checkpoints, max(t.checkpoint_every, 1)
+    )
+    state, start = phase.state, 0
+    if t.resume:
+        restored = checkpoint.restore_latest(manager, state)
+        if restored is not None:
+            done, state, _ = restored
+            start = done + 1
+    step_fn = jax.jit(phase.step, donate_argnums=0)
+    writer = metrics_lib.MetricsWriter(config.run_dir, t.tensorboard)
+    base_key = jax.random.key(config.seed)
+    bar = None if quiet else _progress(t.total_steps, start)
+    row, step = {}, start - 1
+    meta = lambda s: {"step": s, "algorithm": config.algorithm, "config": config_to_dict(config)}
+    try:
+        for step in range(start, t.total_steps):
+            batch, host = phase.make_batch(state, step)
+            began = time.perf_counter()
+            state, out = step_fn(state, batch, jax.random.fold_in(base_key, step))
+            out = jax.device_get(out)
+            host["time/train"] = time.perf_counter() - began
+            if phase.evaluate and t.eval_every and (step + 1) % t.eval_every == 0:
+                host.update(phase.evaluate(state))
+            row = writer.write(step, {**out, **host})
+            _finite_or_raise(step, row)
+            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+                checkpoint.save(manager, step, state, meta(step))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{row[k]:.3g}" for k in CONSOLE_METRICS if k in row}, refresh=False)
+    except KeyboardInterrupt:
+        if step >= start:
+            checkpoint.save(manager, step, state, meta(step), force=True)
+        print(f"\ninterrupted: saved step {step} in {manager.directory}; resume with train.resume=true")
+        raise
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    if step >= start and manager.latest_step() != step:
+        checkpoint.save(manager, step, state, meta(step), force=True)
+    if phase.evaluate and start < t.total_steps:
+        row.update(phase.evaluate(state))
+    trained = dataclasses.replace(policy, params=phase.policy_params(state))
+    finish(config, trained, row, quiet)
+    return RunResult(config.run_dir, trained, row)
+
+
+def finish(config: Config, policy: Policy, last: dict, quiet: bool) -> None:
+    """Export to RUN_DIR/hf if asked, draw RUN_DIR/metrics.png, write and print the summary."""
+    if config.train.export_hf:
+        export_hf(policy.params, os.path.join(config.run_dir, "hf"), policy.config, policy.tokenizer)
+    try:
+        metrics_lib.plot_runs([config.run_dir], os.path.join(config.run_dir, "metrics.png"))
+    except ValueError:
+        pass  # nothing plottable was logged (e.g. zero steps run)
+    summary = {k: float(v) for k, v in last.items()}
+    with open(os.path.join(config.run_dir, "summary.json"), "w", encoding="utf-8") as file:
+        json.dump(summary, file, indent=2)
+    if not quiet:
+        print(f"\n{config.algorithm} run in {config.run_dir}")
+        for name in sorted(summary):
+            if name.startswith(("eval/", "reward/mean", "loss", "kl")):
+                print(f"  {name:28s} {summary[name]:.4g}")
