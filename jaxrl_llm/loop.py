@@ -227,7 +227,8 @@ def dpo_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
 
 
 class Rollouts:
-    """Samples G answers per prompt, decodes them and scores them with the reward functions."""
+    """Samples G answers per prompt, decodes them and scores them with the reward functions
+    (none: the step scores them, as PPO's reward model does)."""
 
     def __init__(self, config: Config, policy: Policy, examples: list[dict], group_size: int, reward_fn):
         self.config, self.policy, self.examples, self.group_size = config, policy, examples, group_size
@@ -239,6 +240,8 @@ class Rollouts:
         sampling = sampling or self.sampling
         out = generate(params, [e["prompt_ids"] for e in prompts], key, sampling, self.policy.config)
         texts = tok.decode(self.policy.tokenizer, out.tokens_RxN, out.mask_RxN)
+        if self.reward_fn is None:  # the step scores the rollout itself (PPO's reward model)
+            return out, None, {}, texts
         rows = [e for e in prompts for _ in range(sampling.n)]
         fields = {name: [row.get(name) for row in rows] for name in rows[0] if name not in ("prompt", "prompt_ids")}
         total_R, parts = self.reward_fn([row["prompt"] for row in rows], texts, **fields)
@@ -341,11 +344,11 @@ def ppo_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
 
     registry = {**rewards_lib.REGISTRY, "reward_model": rm_reward}
     eval_names = ("reward_model", "preference_score") if "preference_target" in train_set[0] else ("reward_model",)
-    rollouts = Rollouts(config, policy, train_set, 1, rewards_lib.combine(["reward_model"], None, registry))
+    rollouts = Rollouts(config, policy, train_set, 1, None)
     evaluator = Rollouts(config, policy, train_set, 1, rewards_lib.combine(list(eval_names), None, registry))
     actor = TrainState.create(policy.params, _optimizer(config))
     critic = TrainState.create(critic_params, _optimizer(config, lr=config.optim.critic_lr))
-    state = PPOState.create(actor, critic, ref, reward_model.params, p.kl_coef)
+    state = PPOState.create(actor, critic, ref, _own_copy(reward_model.params), p.kl_coef)
     return Phase(
         state, step, lambda st, s: rollouts.batch(st.actor.params, s), lambda st: st.actor.params,
         lambda st: evaluator.evaluate(st.actor.params, eval_set),
