@@ -12,6 +12,7 @@ _LAZY = {
     "load_model": "jaxrl_llm.models.hf",
     "export_hf": "jaxrl_llm.models.hf",
     "LoadedModel": "jaxrl_llm.models.hf",
+    "load_scalar_model": "jaxrl_llm.models.hf",
     "ModelConfig": "jaxrl_llm.models.transformer",
     "generate": "jaxrl_llm.sampling",
     "SamplingConfig": "jaxrl_llm.sampling",
