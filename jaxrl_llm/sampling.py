@@ -1,0 +1,350 @@
+"""KV-cache generation: one shared prefill, then a compiled decode loop returning what RL needs.
+
+Shape letters: B prompts, R rows (B·n samples), P padded prompt length, N max new tokens,
+S cache length (P + N), D embed, V vocab, C candidate tokens, L layers, K kv heads, E head dim.
+
+RNG rule: at step t, row r draws one uniform from `fold_in(fold_in(key, r), t)` and inverts the
+CDF of its (truncated) next-token distribution; sample j of prompt i sits at row i·n + j. A row's
+samples depend only on (key, r, its prompt), so `n` samples of each prompt equal the same prompts
+repeated n times (each copy at the same row) with n = 1 and the same key.
+
+Speed: the prefill runs the model's scanned layers once over the B prompts; the decode loop runs
+the layers unrolled over per-layer weight copies (see `unstack_layers`) and stops as soon as
+every row has emitted a stop token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrl_llm.models.transformer import (
+    CACHE_AXES,
+    Cache,
+    DecoderLayer,
+    ModelConfig,
+    RMSNorm,
+    Transformer,
+    attention_mask,
+    init_cache,
+    lm_head_weight,
+    positions_from_mask,
+    rope_cos_sin,
+)
+
+BUCKETS = ("pow2", "multiple")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample; hashable, so static under jit.
+
+    temperature 0 = greedy; top_k 0 and top_p 1 = off. Prompts are left-padded to a bucket: the
+    next power of two >= `bucket_size` ("pow2") or the next multiple of it ("multiple").
+    cache_dtype None = the model's compute dtype.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    n: int = 1
+    pad_token_id: int = 0
+    bucket: str = "pow2"
+    bucket_size: int = 16
+    cache_dtype: str | None = None
+
+    def __post_init__(self):
+        # A list of stop ids would make the config unhashable, so store it as a tuple.
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        checks = (
+            (self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+            (self.temperature >= 0, "temperature must be >= 0 (0 means greedy)"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 turns top-k off)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 turns top-p off)"),
+            (self.n >= 1, "n (samples per prompt) must be >= 1"),
+            (self.pad_token_id >= 0, "pad_token_id must be a token id >= 0"),
+            (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids >= 0"),
+            (self.bucket in BUCKETS, f"bucket must be one of {BUCKETS}"),
+            (self.bucket_size >= 1, "bucket_size must be >= 1"),
+            (
+                self.cache_dtype in (None, "float32", "bfloat16", "float16"),
+                "cache_dtype must be None (the model's dtype), float32, bfloat16 or float16",
+            ),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"SamplingConfig: {message}; got {self}.")
+
+
+@flax.struct.dataclass
+class Completions:
+    """Sampled rows (sample j of prompt i at row i·n + j) and what a trainer needs to rescore them.
+
+    logp_RxN is log_softmax(logits / temperature) of each token (temperature 1 when greedy),
+    taken BEFORE top-k/top-p truncation: the policy a trainer scores, not the truncated sampler.
+    mask_RxN runs through the first stop token inclusive; after it tokens are pad and logp 0.
+    truncated_R: the row hit max_new_tokens without a stop token.
+    prompt_tokens_RxP / prompt_mask_RxP: the padded prompts, so prompt + completion can be
+    concatenated (with their masks) and rescored with `positions_from_mask`.
+    """
+
+    tokens_RxN: jax.Array
+    logp_RxN: jax.Array
+    mask_RxN: jax.Array
+    lengths_R: jax.Array
+    truncated_R: jax.Array
+    prompt_tokens_RxP: jax.Array
+    prompt_mask_RxP: jax.Array
+
+
+@flax.struct.dataclass
+class _DecodeState:
+    """The while-loop carry: step t, last tokens, stop flags, output buffers, per-layer KV caches."""
+
+    t: jax.Array
+    token_R: jax.Array
+    done_R: jax.Array
+    length_R: jax.Array
+    tokens_RxN: jax.Array
+    logp_RxN: jax.Array
+    caches: list[Cache]
+
+
+def bucket_length(length: int, config: SamplingConfig) -> int:
+    """The padded prompt length P for a longest prompt of `length` tokens."""
+    if config.bucket == "pow2":
+        return max(config.bucket_size, 1 << (length - 1).bit_length())
+    return -(-length // config.bucket_size) * config.bucket_size
+
+
+def pad_prompts(prompts, config: SamplingConfig, model_config: ModelConfig):
+    """(tokens_BxP, mask_BxP) from token-id lists (left-padded to a bucket) or a padded pair."""
+    if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
+        tokens_BxP, mask_BxP = prompts
+        if np.shape(tokens_BxP) != np.shape(mask_BxP):
+            raise ValueError(
+                f"generate: prompt tokens {np.shape(tokens_BxP)} and mask {np.shape(mask_BxP)} "
+                "must have the same [B, P] shape."
+            )
+        lengths_B = np.asarray(mask_BxP).astype(bool).sum(-1)
+    else:
+        lengths_B = np.array([len(p) for p in prompts])
+        if not len(prompts):
+            raise ValueError("generate: prompts is empty; pass at least one list of token ids.")
+        P = bucket_length(int(lengths_B.max(initial=1)), config)
+        tokens_BxP = np.full((len(prompts), P), config.pad_token_id, np.int32)
+        for row, prompt in zip(tokens_BxP, prompts):
+            row[P - len(prompt):] = prompt
+        mask_BxP = (np.arange(P) >= (P - lengths_B)[:, None]).astype(np.int32)
+        if tokens_BxP.size and not 0 <= tokens_BxP.min() <= tokens_BxP.max() < model_config.vocab_size:
+            raise ValueError(
+                f"generate: prompt token ids must lie in [0, {model_config.vocab_size}) "
+                "(the model's vocab_size); check the tokenizer matches the model."
+            )
+    _check_lengths(lengths_B, config, model_config)
+    return jnp.asarray(tokens_BxP, jnp.int32), jnp.asarray(mask_BxP, jnp.int32)
+
+
+def _check_lengths(lengths_B: np.ndarray, config: SamplingConfig, model_config: ModelConfig):
+    if lengths_B.size and lengths_B.min() < 1:
+        raise ValueError("generate: every prompt needs at least one token; found an empty one.")
+    longest = int(lengths_B.max(initial=0)) + config.max_new_tokens
+    if longest > model_config.max_position_embeddings:
+        raise ValueError(
+            f"generate: the longest prompt plus max_new_tokens is {longest} tokens, beyond the "
+            f"model's max_position_embeddings ({model_config.max_position_embeddings}); shorten "
+            "the prompts or lower SamplingConfig.max_new_tokens."
+        )
+
+
+def _constrain(cache: Cache) -> Cache:
+    """One layer's {"k","v"} [B,S,K,E], named like the model's cache without its layer axis."""
+    return jax.tree.map(lambda c_BxSxKxE: nn.with_logical_constraint(c_BxSxKxE, CACHE_AXES[1:]), cache)
+
+
+def unstack_layers(params: dict, model_config: ModelConfig) -> list[dict]:
+    """The stacked [L, ...] layer params as L per-layer trees (one copy of the layer weights)."""
+    # Scanning stacked weights makes XLA CPU copy each layer's slice at every decode step, which
+    # took longer than the matmuls; slicing once per call and unrolling the layers avoids it.
+    return [jax.tree.map(lambda p_Lx: p_Lx[i], params["layers"]) for i in range(model_config.num_layers)]
+
+
+def forward(params, layers, tokens_BxT, positions_BxT, kv_mask_BxS, caches, cache_index, model_config):
+    """`Transformer.__call__(..., return_hidden=True)` over unstacked layers and per-layer caches."""
+    cfg = model_config
+    x_BxTxD = jnp.take(params["embed"]["embedding"], tokens_BxT, axis=0).astype(cfg.dtype)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    cos_BxTxE, sin_BxTxE = rope_cos_sin(positions_BxT, cfg)
+    mask_BxTxS = attention_mask(kv_mask_BxS, cache_index, tokens_BxT.shape[1], cfg.sliding_window)
+    new_caches = []
+    for layer_params, cache in zip(layers, caches):
+        x_BxTxD, cache = DecoderLayer(cfg).apply(
+            {"params": layer_params}, x_BxTxD, cache, cos_BxTxE, sin_BxTxE, mask_BxTxS, cache_index
+        )
+        new_caches.append(_constrain(cache))
+    final_norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
+    return final_norm.apply({"params": params["final_norm"]}, x_BxTxD), new_caches
+
+
+def _head(params: dict, hidden_BxD: jax.Array, model_config: ModelConfig) -> jax.Array:
+    """Logits [B,V] in fp32 from final-normed hidden states."""
+    head_DxV = lm_head_weight(params, model_config)
+    return jnp.einsum("bd,dv->bv", hidden_BxD, head_DxV.astype(hidden_BxD.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _token_logp(z_RxV: jax.Array, token_R: jax.Array) -> jax.Array:
+    picked_R = jnp.take_along_axis(z_RxV, token_R[:, None], axis=-1)[:, 0]
+    return picked_R - jax.nn.logsumexp(z_RxV, axis=-1)
+
+
+def _nucleus(w_RxC: jax.Array, top_p: float) -> jax.Array:
+    """Boolean [R,C]: candidates whose strictly more likely candidates hold < top_p of the mass."""
+    # Bisection over the float bits of the probabilities (monotone for p >= 0) finds the exact
+    # cut in 31 masked sums; sorting the vocabulary costs ~20x more on CPU.
+    probs_RxC = w_RxC / w_RxC.sum(-1, keepdims=True)
+    bits_RxC = jax.lax.bitcast_convert_type(probs_RxC, jnp.int32)
+
+    def halve(_, bounds):
+        low_R, high_R = bounds
+        mid_R = (low_R + high_R) // 2
+        above_R = jnp.sum(jnp.where(bits_RxC > mid_R[:, None], probs_RxC, 0.0), axis=-1)
+        fits_R = above_R < top_p
+        return jnp.where(fits_R, low_R, mid_R + 1), jnp.where(fits_R, mid_R, high_R)
+
+    R = w_RxC.shape[0]
+    one_bits = jax.lax.bitcast_convert_type(jnp.float32(1.0), jnp.int32)
+    bounds = (jnp.zeros((R,), jnp.int32), jnp.full((R,), one_bits))
+    _, cut_R = jax.lax.fori_loop(0, 31, halve, bounds)
+    return bits_RxC >= cut_R[:, None]
+
+
+def _inverse_cdf(w_RxC: jax.Array, u_R: jax.Array) -> jax.Array:
+    """Index drawn with probability w / sum(w), from one uniform per row."""
+    # Zero-weight slots get cdf 0 so rounding in the cumsum can never pick them.
+    cdf_RxC = jnp.where(w_RxC > 0, jnp.cumsum(w_RxC, axis=-1), 0.0)
+    target_R = (1.0 - u_R) * cdf_RxC.max(-1)
+    return jnp.argmax(cdf_RxC >= target_R[:, None], axis=-1)
+
+
+def sample_tokens(logits_RxV: jax.Array, keys_R: jax.Array, config: SamplingConfig):
+    """(token_R, logp_R): next tokens and their log-probs under the untruncated scaled policy."""
+    # Warpers in HF's order: temperature, top-k, top-p over the renormalised top-k (keeping every
+    # token tied with the cut). Greedy scores its tokens at temperature 1.
+    logits_RxV = logits_RxV.astype(jnp.float32)
+    if config.temperature == 0:
+        token_R = jnp.argmax(logits_RxV, axis=-1).astype(jnp.int32)
+        return token_R, _token_logp(logits_RxV, token_R)
+    z_RxV = logits_RxV / config.temperature
+    cand_RxC, index_RxC = z_RxV, None
+    if config.top_k:
+        cand_RxC, index_RxC = jax.lax.top_k(z_RxV, min(config.top_k, z_RxV.shape[-1]))
+    w_RxC = jnp.exp(cand_RxC - cand_RxC.max(-1, keepdims=True))
+    if config.top_p < 1.0:
+        w_RxC = jnp.where(_nucleus(w_RxC, config.top_p), w_RxC, 0.0)
+    u_R = jax.vmap(jax.random.uniform)(keys_R)
+    token_R = _inverse_cdf(w_RxC, u_R)
+    if index_RxC is not None:
+        token_R = jnp.take_along_axis(index_RxC, token_R[:, None], axis=-1)[:, 0]
+    token_R = token_R.astype(jnp.int32)
+    return token_R, _token_logp(z_RxV, token_R)
+
+
+def prefill(params, tokens_BxP, mask_BxP, model_config: ModelConfig, cache_dtype):
+    """(logits_BxV at each prompt's last real token, per-layer caches [B,P,K,E]) in one pass."""
+    B, P = tokens_BxP.shape
+    hidden_BxPxD, cache = Transformer(model_config).apply(
+        {"params": params}, tokens_BxP, positions_from_mask(mask_BxP), mask_BxP,
+        cache=init_cache(model_config, B, P, cache_dtype), return_hidden=True,
+    )
+    last_B = P - 1 - jnp.argmax(mask_BxP[:, ::-1], axis=-1)
+    hidden_BxD = jnp.take_along_axis(hidden_BxPxD, last_B[:, None, None], axis=1)[:, 0]
+    caches = [jax.tree.map(lambda c: c[i], cache) for i in range(model_config.num_layers)]
+    return _head(params, hidden_BxD, model_config), caches
+
+
+def _emit(state: _DecodeState, logits_RxV, row_keys_R, stops, config: SamplingConfig):
+    """Sample step t's tokens, record them (pad once a row is done) and advance t."""
+    keys_R = jax.vmap(jax.random.fold_in, (0, None))(row_keys_R, state.t)
+    token_R, logp_R = sample_tokens(logits_RxV, keys_R, config)
+    live_R = ~state.done_R
+    token_R = jnp.where(live_R, token_R, config.pad_token_id)
+    logp_R = jnp.where(live_R, logp_R, 0.0)
+    return state.replace(
+        t=state.t + 1,
+        token_R=token_R,
+        done_R=state.done_R | jnp.isin(token_R, stops),
+        length_R=state.length_R + live_R,
+        tokens_RxN=jax.lax.dynamic_update_index_in_dim(state.tokens_RxN, token_R, state.t, 1),
+        logp_RxN=jax.lax.dynamic_update_index_in_dim(state.logp_RxN, logp_R, state.t, 1),
+    )
+
+
+def _repeat_rows(cache: Cache, n: int, new_slots: int) -> Cache:
+    """A prompt layer cache copied to each prompt's n rows, with `new_slots` empty slots appended."""
+    widths = ((0, 0), (0, new_slots), (0, 0), (0, 0))
+    return _constrain(jax.tree.map(lambda c: jnp.pad(jnp.repeat(c, n, axis=0), widths), cache))
+
+
+@jax.jit(static_argnames=("config", "model_config"))
+def _generate(params, tokens_BxP, mask_BxP, key, config: SamplingConfig, model_config: ModelConfig):
+    n, N, P = config.n, config.max_new_tokens, tokens_BxP.shape[1]
+    logits_BxV, prompt_caches = prefill(params, tokens_BxP, mask_BxP, model_config, config.cache_dtype)
+    layers = unstack_layers(params, model_config)
+    mask_RxP = jnp.repeat(mask_BxP, n, axis=0)
+    R = mask_RxP.shape[0]
+    kv_mask_RxS = jnp.concatenate([mask_RxP, jnp.ones((R, N), jnp.int32)], axis=1)
+    start_R = mask_RxP.sum(-1)
+    row_keys_R = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(R))
+    stops = jnp.asarray(config.stop_token_ids, jnp.int32)
+    state = _DecodeState(
+        t=jnp.int32(0),
+        token_R=jnp.zeros((R,), jnp.int32),
+        done_R=jnp.zeros((R,), bool),
+        length_R=jnp.zeros((R,), jnp.int32),
+        tokens_RxN=jnp.full((R, N), config.pad_token_id, jnp.int32),
+        logp_RxN=jnp.zeros((R, N), jnp.float32),
+        caches=[_repeat_rows(cache, n, N) for cache in prompt_caches],
+    )
+    state = _emit(state, jnp.repeat(logits_BxV, n, axis=0), row_keys_R, stops, config)
+
+    def step(state: _DecodeState) -> _DecodeState:
+        # The token sampled at step t-1 goes to slot P+t-1, position (real prompt tokens)+t-1.
+        hidden_Rx1xD, caches = forward(
+            params, layers, state.token_R[:, None], (start_R + state.t - 1)[:, None], kv_mask_RxS,
+            state.caches, P + state.t - 1, model_config,
+        )
+        logits_RxV = _head(params, hidden_Rx1xD[:, 0], model_config)
+        return _emit(state.replace(caches=caches), logits_RxV, row_keys_R, stops, config)
+
+    def running(state: _DecodeState) -> jax.Array:
+        return (state.t < N) & ~jnp.all(state.done_R)
+
+    state = jax.lax.while_loop(running, step, state)
+    return Completions(
+        tokens_RxN=state.tokens_RxN,
+        logp_RxN=state.logp_RxN,
+        mask_RxN=(jnp.arange(N) < state.length_R[:, None]).astype(jnp.int32),
+        lengths_R=state.length_R,
+        truncated_R=~state.done_R,
+        prompt_tokens_RxP=jnp.repeat(tokens_BxP, n, axis=0),
+        prompt_mask_RxP=mask_RxP,
+    )
+
+
+def generate(params, prompts, key, config: SamplingConfig, model_config: ModelConfig) -> Completions:
+    """`config.n` completions per prompt of token-id lists (bucketed) or a padded (tokens, mask) pair."""
+    tokens_BxP, mask_BxP = pad_prompts(prompts, config, model_config)
+    return _generate(params, tokens_BxP, mask_BxP, key, config, model_config)
+
+
+def compiled_variants() -> int:
+    """How many shapes/configs the jitted generation core has been compiled for in this process."""
+    return _generate._cache_size()
