@@ -427,6 +427,9 @@ def run_phase(config: Config, phase: Phase, policy: Policy, quiet: bool = False)
         if restored is not None:
             done, state, _ = restored
             start = done + 1
+    before = {}
+    if phase.evaluate and t.eval_every and start == 0:
+        before = {f"before/{k}": v for k, v in phase.evaluate(state).items()}
     step_fn = jax.jit(phase.step, donate_argnums=0)
     writer = metrics_lib.MetricsWriter(config.run_dir, t.tensorboard)
     base_key = jax.random.key(config.seed)
@@ -462,6 +465,7 @@ def run_phase(config: Config, phase: Phase, policy: Policy, quiet: bool = False)
         checkpoint.save(manager, step, state, meta(step), force=True)
     if phase.evaluate and start < t.total_steps:
         row.update(phase.evaluate(state))
+    row.update(before)
     trained = dataclasses.replace(policy, params=phase.policy_params(state))
     finish(config, trained, row, quiet)
     return RunResult(config.run_dir, trained, row)
@@ -482,4 +486,5 @@ def finish(config: Config, policy: Policy, last: dict, quiet: bool) -> None:
         print(f"\n{config.algorithm} run in {config.run_dir}")
         for name in sorted(summary):
             if name.startswith(("eval/", "reward/mean", "loss", "kl")):
-                print(f"  {name:28s} {summary[name]:.4g}")
+                was = summary.get(f"before/{name}")
+                print(f"  {name:28s} {summary[name]:.4g}" + ("" if was is None else f"   (before: {was:.4g})"))
