@@ -45,7 +45,7 @@ def test_variant_presets_switch_the_right_fields():
     assert dapo.grpo.kl_coef == 0.0 and dapo.grpo.dynamic_sampling and dapo.grpo.overlong_shaping
     # `base:` inheritance: dapo -> grpo -> default keeps what it does not override.
     assert dapo.grpo.reward_functions == grpo.grpo.reward_functions == ("arithmetic_exact", "arithmetic_format")
-    assert dapo.train.sft_warmup_steps == load_config(preset("default")).train.sft_warmup_steps == 300
+    assert dapo.train.sft_warmup_steps == load_config(preset("default")).train.sft_warmup_steps > 0
     gspo = load_config(preset("gspo")).grpo
     assert (gspo.loss, gspo.gspo_eps_low, gspo.gspo_eps_high, gspo.aggregation) == (
         "gspo", 3e-4, 4e-4, "seq_mean_token_mean")
