@@ -582,6 +582,9 @@ def _check_data(config: Config) -> None:
         )
 
 
+REWARD_MODEL = "reward_model"  # the reward function that scores with model.reward_model_path
+
+
 def _check_rewards(config: Config) -> None:
     """GRPO's reward functions resolve and their weights line up."""
     grpo = config.grpo
@@ -597,6 +600,13 @@ def _check_rewards(config: Config) -> None:
     from jaxrl_llm import rewards  # rewards imports data, which imports this module
 
     for i, name in enumerate(grpo.reward_functions):
+        if name == REWARD_MODEL:
+            if config.model.reward_model_path is None:
+                raise ConfigError(
+                    f"grpo.reward_functions[{i}] is {REWARD_MODEL!r}: set model.reward_model_path to a "
+                    "reward model (a run of configs/rm.yaml, e.g. runs/rm/hf)."
+                )
+            continue
         try:
             rewards.resolve(name)
         except rewards.RewardError as error:

@@ -25,13 +25,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_llm import checkpoint, data, metrics as metrics_lib, rewards as rewards_lib, tokenizer as tok
-from jaxrl_llm.algorithms.common import make_optimizer, rollout_batch, scalar_scores, score_tokens
+from jaxrl_llm.algorithms.common import (
+    learning_rate_schedule,
+    make_optimizer,
+    rollout_batch,
+    scalar_scores,
+    score_tokens,
+)
 from jaxrl_llm.algorithms.dpo import DPOState, completion_logps, make_dpo_step
 from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step, uses_reference
 from jaxrl_llm.algorithms.ppo import PPOState, make_ppo_step
 from jaxrl_llm.algorithms.rm import make_rm_eval, make_rm_step
 from jaxrl_llm.algorithms.sft import make_sft_step
-from jaxrl_llm.config import Config, config_to_dict, save_config
+from jaxrl_llm.config import REWARD_MODEL, Config, config_to_dict, save_config
 from jaxrl_llm.core import dpo_loss, sft_loss
 from jaxrl_llm.models.hf import export_hf, init_scalar_params_from_lm, load_model, load_scalar_model
 from jaxrl_llm.models.transformer import ModelConfig, init_params
@@ -300,8 +306,25 @@ class Rollouts:
         return result
 
 
-def reward_function(config: Config, registry=rewards_lib.REGISTRY):
-    """The weighted sum of the configured reward functions."""
+def reward_model_function(config: Config, policy: Policy):
+    """(reward model, reward function scoring prompt + completion with it at the last token)."""
+    reward_model = load_scalar_model(config.model.reward_model_path, dtype=config.model.dtype)
+    score = jax.jit(lambda params, tokens, mask: scalar_scores(params, reward_model.config, tokens, mask)[1])
+
+    def rm_reward(prompts, completions, **fields):
+        ids = [tok.prompt_ids(policy.tokenizer, q) + completion_ids(policy.tokenizer, c)[:-1]
+               for q, c in zip(prompts, completions)]
+        tokens, mask = data.left_pad(ids, max(map(len, ids)), policy.tokenizer.pad_token_id)
+        return np.asarray(score(reward_model.params, tokens, mask.astype(np.int32)))
+
+    return reward_model, rm_reward
+
+
+def reward_function(config: Config, policy: Policy):
+    """The weighted sum of GRPO's reward functions (`reward_model` scores with model.reward_model_path)."""
+    registry = rewards_lib.REGISTRY
+    if REWARD_MODEL in config.grpo.reward_functions:
+        registry = {**registry, REWARD_MODEL: reward_model_function(config, policy)[1]}
     return rewards_lib.combine(config.grpo.reward_functions, config.grpo.reward_weights, registry)
 
 
@@ -312,7 +335,7 @@ def grpo_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
     step = make_grpo_step(
         policy.config, g, config.sampling.temperature, config.train.grad_accum, config.data.max_completion_len
     )
-    rollouts = Rollouts(config, policy, train_set, g.group_size, reward_function(config))
+    rollouts = Rollouts(config, policy, train_set, g.group_size, reward_function(config, policy))
     state = GRPOState(policy=TrainState.create(policy.params, _optimizer(config)), ref_params=ref)
     return Phase(
         state, step, lambda st, s: rollouts.batch(st.policy.params, s), lambda st: st.policy.params,
@@ -324,7 +347,7 @@ def ppo_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
     """PPO with actor, critic, frozen reference and frozen reward model (seed design)."""
     p = config.ppo
     key = jax.random.key(config.seed + 3)
-    reward_model = load_scalar_model(config.model.reward_model_path, dtype=config.model.dtype)
+    reward_model, rm_reward = reward_model_function(config, policy)
     if config.model.critic_path:
         critic_params = load_scalar_model(config.model.critic_path, key, dtype=config.model.dtype).params
     else:
@@ -334,16 +357,8 @@ def ppo_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
         policy.config, p, config.sampling.temperature, config.train.grad_accum,
         reward_config=reward_model.config,
     )
-    score = jax.jit(lambda params, tokens, mask: scalar_scores(params, reward_model.config, tokens, mask)[1])
-
-    def rm_reward(prompts, completions, **fields):
-        ids = [tok.prompt_ids(policy.tokenizer, q) + completion_ids(policy.tokenizer, c)[:-1]
-               for q, c in zip(prompts, completions)]
-        tokens, mask = data.left_pad(ids, max(map(len, ids)), policy.tokenizer.pad_token_id)
-        return np.asarray(score(reward_model.params, tokens, mask.astype(np.int32)))
-
-    registry = {**rewards_lib.REGISTRY, "reward_model": rm_reward}
-    eval_names = ("reward_model", "preference_score") if "preference_target" in train_set[0] else ("reward_model",)
+    registry = {**rewards_lib.REGISTRY, REWARD_MODEL: rm_reward}
+    eval_names = (REWARD_MODEL, "preference_score") if "preference_target" in train_set[0] else (REWARD_MODEL,)
     rollouts = Rollouts(config, policy, train_set, 1, None)
     evaluator = Rollouts(config, policy, train_set, 1, rewards_lib.combine(list(eval_names), None, registry))
     actor = TrainState.create(policy.params, _optimizer(config))
@@ -378,6 +393,12 @@ def _finite_or_raise(step: int, row: dict) -> None:
             f"step {step}: non-finite {', '.join(bad)}; stopping before saving, so the last checkpoint "
             "stays good. Lower optim.lr, raise optim.grad_clip's strictness, or check the data."
         )
+
+
+def _tokens(batch: dict) -> float:
+    """Real tokens a step processed (prompt + completion; both answers of a pair)."""
+    masks = [value for name, value in batch.items() if name.endswith("mask") and "completion" not in name]
+    return float(sum(np.asarray(mask).sum() for mask in masks))
 
 
 def _progress(total: int, start: int):
@@ -431,6 +452,8 @@ def run_phase(config: Config, phase: Phase, policy: Policy, quiet: bool = False)
     if phase.evaluate and t.eval_every and start == 0:
         before = {f"before/{k}": v for k, v in phase.evaluate(state).items()}
     step_fn = jax.jit(phase.step, donate_argnums=0)
+    o = config.optim
+    lr_at = learning_rate_schedule(o.lr, t.total_steps, o.schedule, o.warmup_steps)
     writer = metrics_lib.MetricsWriter(config.run_dir, t.tensorboard)
     base_key = jax.random.key(config.seed)
     bar = None if quiet else _progress(t.total_steps, start)
@@ -443,6 +466,8 @@ def run_phase(config: Config, phase: Phase, policy: Policy, quiet: bool = False)
             state, out = step_fn(state, batch, jax.random.fold_in(base_key, step))
             out = jax.device_get(out)
             host["time/train"] = time.perf_counter() - began
+            host["lr"] = float(lr_at(step))
+            host["tokens_per_s"] = _tokens(batch) / (host["time/train"] + host.get("time/generation", 0.0))
             if phase.evaluate and t.eval_every and (step + 1) % t.eval_every == 0:
                 host.update(phase.evaluate(state))
             row = writer.write(step, {**out, **host})

@@ -84,3 +84,17 @@ def test_rlhf_pipeline_sft_rm_ppo_and_dpo(tmp_path):
         assert name in last, name
     dpo = train(config("dpo", tmp_path / "dpo", f"model.source={sft_hf}", *short), quiet=True)
     assert rows(dpo.run_dir)[0]["loss"] == pytest.approx(np.log(2.0), rel=1e-5)
+
+
+def test_grpo_with_a_reward_model_as_reward_function(tmp_path):
+    short = ["train.total_steps=1", "data.batch_size=8", "data.max_completion_len=8", "data.max_prompt_len=48"]
+    sft = train(config("sft", tmp_path / "sft", *short), quiet=True)
+    rm = train(config("rm", tmp_path / "rm", f"model.source={os.path.join(sft.run_dir, 'hf')}",
+                      "train.export_hf=true", "train.eval_every=0", *short), quiet=True)
+    run = train(config(
+        "grpo", tmp_path / "grpo", "data.task=preference", "grpo.group_size=4", "train.sft_warmup_steps=0",
+        "grpo.reward_functions=[reward_model, preference_score]", "grpo.reward_weights=null",
+        f"model.reward_model_path={os.path.join(rm.run_dir, 'hf')}", "train.eval_every=0", *short,
+    ), quiet=True)
+    last = rows(run.run_dir)[-1]
+    assert "reward/reward_model" in last and "reward/preference_score" in last and last["tokens_per_s"] > 0
