@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_llm.core.logprobs import token_logprobs
 from jaxrl_llm.models.transformer import (
     CACHE_AXES,
     Cache,
@@ -200,11 +201,6 @@ def _head(params: dict, hidden_BxD: jax.Array, model_config: ModelConfig) -> jax
                       preferred_element_type=jnp.float32)
 
 
-def _token_logp(z_RxV: jax.Array, token_R: jax.Array) -> jax.Array:
-    picked_R = jnp.take_along_axis(z_RxV, token_R[:, None], axis=-1)[:, 0]
-    return picked_R - jax.nn.logsumexp(z_RxV, axis=-1)
-
-
 def _nucleus(w_RxC: jax.Array, top_p: float) -> jax.Array:
     """Boolean [R,C]: candidates whose strictly more likely candidates hold < top_p of the mass."""
     # Bisection over the float bits of the probabilities (monotone for p >= 0) finds the exact
@@ -241,7 +237,7 @@ def sample_tokens(logits_RxV: jax.Array, keys_R: jax.Array, config: SamplingConf
     logits_RxV = logits_RxV.astype(jnp.float32)
     if config.temperature == 0:
         token_R = jnp.argmax(logits_RxV, axis=-1).astype(jnp.int32)
-        return token_R, _token_logp(logits_RxV, token_R)
+        return token_R, token_logprobs(logits_RxV[:, None], token_R[:, None])[:, 0]
     z_RxV = logits_RxV / config.temperature
     cand_RxC, index_RxC = z_RxV, None
     if config.top_k:
@@ -254,7 +250,7 @@ def sample_tokens(logits_RxV: jax.Array, keys_R: jax.Array, config: SamplingConf
     if index_RxC is not None:
         token_R = jnp.take_along_axis(index_RxC, token_R[:, None], axis=-1)[:, 0]
     token_R = token_R.astype(jnp.int32)
-    return token_R, _token_logp(z_RxV, token_R)
+    return token_R, token_logprobs(logits_RxV[:, None], token_R[:, None], config.temperature)[:, 0]
 
 
 def prefill(params, tokens_BxP, mask_BxP, model_config: ModelConfig, cache_dtype):

