@@ -117,6 +117,9 @@ def test_dpo_starts_at_log2_matches_reference_and_learns(params):
     for _ in range(10):
         state, metrics = step(state, batch)
     assert float(metrics["loss"]) < 0.5 and float(metrics["rewards/accuracies"]) == 1.0
+    assert float(metrics["rewards/margins"]) > 1.0
+    frozen = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), params, state.ref_params)
+    assert all(jax.tree.leaves(frozen))
 
     two = jax.jit(make_dpo_step(CONFIG, beta=0.5, num_microbatches=2))
     one = jax.jit(make_dpo_step(CONFIG, beta=0.5))

@@ -154,6 +154,8 @@ def test_every_switch_runs_and_updates(params, changes):
     assert all(np.isfinite(float(v)) for v in metrics.values())
     changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, state.policy.params)
     assert all(jax.tree.leaves(changed))
+    frozen = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), ref_params, state.ref_params)
+    assert all(jax.tree.leaves(frozen))
     if changes.get("num_iterations", 1) > 1 and changes["loss"] != "sapo":
         assert float(metrics["ratio/max"]) > 1.0 or float(metrics["ratio/min"]) < 1.0
 

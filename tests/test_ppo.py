@@ -96,7 +96,7 @@ def test_adaptive_kl_raises_beta_when_kl_is_over_target(models):
 
 
 def test_ppo_learns_from_host_rewards(models):
-    """Reward = share of token 5 in the answer (no RM): PPO pushes it up clearly."""
+    """Reward = share of token 5 in the answer (no RM): PPO pushes it up and the critic learns it."""
     params, value_params, _, _ = models
     sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, n=4, stop_token_ids=(1,), pad_token_id=0)
     cfg = PPOSection(kl_estimator="k1", kl_coef=0.01, epochs=2, num_minibatches=2, vf_coef=1.0)
@@ -108,5 +108,7 @@ def test_ppo_learns_from_host_rewards(models):
         out = generate(state.actor.params, prompts, jax.random.key(100 + i), sampling, CONFIG)
         rewards = ((np.asarray(out.tokens_RxN) == 5) * np.asarray(out.mask_RxN)).sum(1) / 8.0
         state, metrics = step(state, common.rollout_batch(out, rewards), jax.random.key(i))
-        history.append(float(metrics["score/mean"]))
-    assert history[0] < 0.2 and np.mean(history[-3:]) > 0.5, history
+        history.append((float(metrics["score/mean"]), float(metrics["vf_loss"])))
+    scores, value_losses = zip(*history)
+    assert scores[0] < 0.2 and np.mean(scores[-3:]) > 0.5, scores
+    assert np.mean(value_losses[-3:]) < 0.5 * np.mean(value_losses[:3]), value_losses

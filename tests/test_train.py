@@ -1,17 +1,19 @@
 """The training loop end to end on tiny models: files a run leaves, exact resume, the RLHF pipeline."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxrl_llm import checkpoint
 from jaxrl_llm.config import load_config
-from jaxrl_llm.loop import train
+from jaxrl_llm.loop import TrainingError, load_policy, prepare_examples, run_phase, sft_phase, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -98,3 +100,42 @@ def test_grpo_with_a_reward_model_as_reward_function(tmp_path):
     ), quiet=True)
     last = rows(run.run_dir)[-1]
     assert "reward/reward_model" in last and "reward/preference_score" in last and last["tokens_per_s"] > 0
+
+
+@pytest.mark.parametrize("preset", ["gspo", "sapo", "dr_grpo"])
+def test_variant_presets_run(tmp_path, preset):
+    run = train(config(
+        preset, tmp_path / preset, "train.sft_warmup_steps=0", "train.total_steps=1", "data.batch_size=8",
+        "grpo.group_size=4", "data.max_completion_len=8", "train.eval_every=0",
+    ), quiet=True)
+    assert np.isfinite(rows(run.run_dir)[-1]["loss"])
+
+
+def test_grpo_resume_reproduces_the_uninterrupted_run(tmp_path):
+    common = ["train.sft_warmup_steps=0", "data.batch_size=8", "grpo.group_size=4", "data.max_completion_len=8",
+              "train.eval_every=0", "grpo.kl_coef=0.1", "optim.lr=1e-3"]
+    whole = train(config("grpo", tmp_path / "whole", "train.total_steps=3", *common), quiet=True)
+    train(config("grpo", tmp_path / "split", "train.total_steps=2", *common), quiet=True)
+    resumed = train(config("grpo", tmp_path / "split", "train.total_steps=3", "train.resume=true", *common), quiet=True)
+    straight, split = rows(whole.run_dir), rows(resumed.run_dir)
+    for name in ("loss", "reward/mean", "kl", "entropy", "response_length/mean"):
+        assert [r[name] for r in split] == pytest.approx([r[name] for r in straight], rel=1e-5, abs=1e-7), name
+    for a, b in zip(jax.tree.leaves(whole.policy.params), jax.tree.leaves(resumed.policy.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = config("sft", tmp_path / "nan", "train.total_steps=6", "train.checkpoint_every=2", "train.eval_every=0",
+                 "data.batch_size=8", "data.max_completion_len=16", "data.max_prompt_len=48")
+    policy = load_policy(cfg)
+    phase = sft_phase(cfg, policy, *prepare_examples(cfg, policy.tokenizer))
+    good_step = phase.step
+
+    def poisoned(state, batch, key):
+        state, out = good_step(state, batch, key)
+        return state, {**out, "loss": jnp.where(state.step >= 4, jnp.nan, out["loss"])}
+
+    with pytest.raises(TrainingError, match="step 3: non-finite loss"):
+        run_phase(cfg, dataclasses.replace(phase, step=poisoned), policy, quiet=True)
+    manager = checkpoint.checkpoint_manager(os.path.join(cfg.run_dir, "checkpoints"))
+    assert manager.all_steps() == [1]
