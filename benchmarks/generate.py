@@ -145,7 +145,7 @@ def greedy_check(config, params, hf, tokens_BxP: np.ndarray, new_tokens: int) ->
 
 
 def rss(before: int, peak: int) -> str:
-    return f"RSS {format_bytes(peak)} (+{format_bytes(peak - before)} in the call)"
+    return f"RSS {format_bytes(peak)} (+{format_bytes(max(peak - before, 0))} in the call)"
 
 
 def main(argv: list[str] | None = None) -> None:
