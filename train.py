@@ -31,15 +31,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from jaxrl_llm.config import ConfigError, load_config
-    from jaxrl_llm.loop import train
+    from jaxrl_llm.data import DataError
+    from jaxrl_llm.loop import TrainingError, train
+    from jaxrl_llm.models.hf import ModelLoadError
+    from jaxrl_llm.rewards import RewardError
+    from jaxrl_llm.tokenizer import TokenizerError
 
     try:
-        config = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as error:
+        train(load_config(args.config, args.overrides))
+    except (ConfigError, DataError, FileNotFoundError, ModelLoadError, RewardError, TokenizerError,
+            TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    try:
-        train(config)
     except KeyboardInterrupt:
         return 130
     return 0

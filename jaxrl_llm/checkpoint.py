@@ -15,22 +15,20 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def checkpoint_manager(directory: str, keep: int = 3, save_every: int = 1) -> ocp.CheckpointManager:
-    """A manager that keeps the last `keep` checkpoints under `directory`."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=save_every, create=True
-    )
+def checkpoint_manager(directory: str, keep: int = 3) -> ocp.CheckpointManager:
+    """A manager that keeps the last `keep` checkpoints under `directory`; the caller decides when
+    to save (orbax's own interval would only accept steps that are multiples of it)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     return ocp.CheckpointManager(
         os.path.abspath(directory), options=options, item_names=("state", "meta")
     )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict, force: bool = False) -> bool:
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> bool:
     """Save `state` and the JSON-able `meta` at `step`; waits until it is on disk."""
     saved = manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=force,
     )
     manager.wait_until_finished()
     return saved

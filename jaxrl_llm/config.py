@@ -621,6 +621,11 @@ def _check_mesh(config: Config) -> None:
             raise ConfigError(f"mesh.{name} must be a positive size or -1 (the remaining devices), got {size}.")
     if list(sizes.values()).count(-1) > 1:
         raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1 (the remaining devices).")
+    if config.mesh != MeshSection():
+        raise ConfigError(
+            "sharding over a device mesh is not implemented yet: runs use one device; leave mesh.data, "
+            "mesh.fsdp and mesh.tensor at their defaults (-1, 1, 1)."
+        )
 
 
 def validate(config: Config, max_positions: int | None = None) -> Config:
@@ -630,8 +635,8 @@ def validate(config: Config, max_positions: int | None = None) -> Config:
     """
     config = config_from_dict(config_to_dict(config))  # type checks for configs built in Python
     _check_ranges(config)
-    _check_mesh(config)
     _check_batch(config)
+    _check_mesh(config)
     _check_lengths(config, max_positions)
     _check_model(config)
     _check_data(config)

@@ -32,18 +32,19 @@ from jaxrl_llm.algorithms.common import (
     scalar_scores,
     score_tokens,
 )
-from jaxrl_llm.algorithms.dpo import DPOState, completion_logps, make_dpo_step
+from jaxrl_llm.algorithms.dpo import DPOState, make_dpo_step, pair_loss
 from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step, uses_reference
 from jaxrl_llm.algorithms.ppo import PPOState, make_ppo_step
 from jaxrl_llm.algorithms.rm import make_rm_eval, make_rm_step
 from jaxrl_llm.algorithms.sft import make_sft_step
-from jaxrl_llm.config import REWARD_MODEL, Config, config_to_dict, save_config
-from jaxrl_llm.core import dpo_loss, sft_loss
+from jaxrl_llm.config import REWARD_MODEL, Config, config_to_dict, save_config, validate
+from jaxrl_llm.core import sft_loss
 from jaxrl_llm.models.hf import export_hf, init_scalar_params_from_lm, load_model, load_scalar_model
 from jaxrl_llm.models.transformer import ModelConfig, init_params
 from jaxrl_llm.sampling import SamplingConfig, generate
 from jaxrl_llm.state import TrainState
 
+STEP_STREAM, ROLLOUT_STREAM, RESAMPLE_STREAM, INIT_STREAM = range(4)  # independent key streams of a run
 CONSOLE_METRICS = ("loss", "reward/mean", "accuracy", "kl", "eval/accuracy", "eval/reward")
 
 
@@ -97,7 +98,7 @@ def load_policy(config: Config, source: str | None = None) -> Policy:
             max_position_embeddings=tiny.max_position_embeddings, tie_word_embeddings=True,
             dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
         )
-        return Policy(model_config, init_params(model_config, jax.random.key(config.seed)), tokenizer)
+        return Policy(model_config, init_params(model_config, stream_key(config.seed, INIT_STREAM)), tokenizer)
     loaded = load_model(source, dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat)
     if loaded.tokenizer is None:
         raise TrainingError(f"{source} has no tokenizer; training needs one to encode prompts.")
@@ -138,6 +139,11 @@ def pair_batch(tokenizer, examples: list[dict], config: Config) -> dict:
     pad = lambda x: np.pad(x, ((0, 0), (0, width - x.shape[1])))
     return {f"{name}_{key}": pad(value) for name, batch in (("chosen", chosen), ("rejected", rejected))
             for key, value in batch.items()}
+
+
+def stream_key(seed: int, stream: int) -> jax.Array:
+    """The base key of one purpose (steps, rollouts, resampling, inits), so no two purposes share keys."""
+    return jax.random.fold_in(jax.random.key(seed), stream)
 
 
 def _own_copy(tree):
@@ -188,7 +194,7 @@ def sft_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
 
 def rm_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
     """Bradley–Terry training of a scalar head on the policy's backbone."""
-    key = jax.random.key(config.seed + 1)
+    key = jax.random.fold_in(stream_key(config.seed, INIT_STREAM), 1)
     params = init_scalar_params_from_lm(_own_copy(policy.params), key, policy.config)
     step = make_rm_step(policy.config, config.train.grad_accum, config.rm.margin, config.rm.center_coef)
     evaluate_pairs = jax.jit(make_rm_eval(policy.config))
@@ -216,10 +222,7 @@ def dpo_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
         return pair_batch(policy.tokenizer, _rows(train_set, d.batch_size, s, config.seed, d.shuffle), config), {}
 
     def eval_metrics(params, ref_params, b):
-        (chosen, rejected), (ref_chosen, ref_rejected) = (
-            completion_logps(params, policy.config, b), completion_logps(ref_params, policy.config, b)
-        )
-        loss_B, out = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, dpo.beta, dpo.loss, dpo.label_smoothing)
+        loss_B, out = pair_loss(params, ref_params, policy.config, b, dpo.beta, dpo.loss, dpo.label_smoothing)
         return {"eval/loss": loss_B.mean(), "eval/accuracy": out["rewards/accuracies"],
                 "eval/margin": out["rewards/margins"]}
 
@@ -258,27 +261,30 @@ class Rollouts:
         replaced by fresh prompts' groups, up to `dynamic_sampling_max_tries` rounds (DAPO)."""
         cfg, d = self.config, self.config.data
         P = d.batch_size // self.group_size
-        key = jax.random.fold_in(jax.random.key(self.config.seed + 2), step)
+        key = jax.random.fold_in(stream_key(self.config.seed, ROLLOUT_STREAM), step)
         start = time.perf_counter()
         prompts = _rows(self.examples, P, step, cfg.seed, d.shuffle)
         out, total_R, parts, _ = self.sample(params, prompts, key)
         host = {f"reward/{name}": float(np.mean(v)) for name, v in parts.items()}
         dynamic = cfg.algorithm == "grpo" and cfg.grpo.dynamic_sampling
         if dynamic:
-            out, total_R, tries = self._dynamic(params, prompts, out, total_R, step, key)
+            out, total_R, tries = self._dynamic(params, prompts, out, total_R, step)
             host["dynamic_sampling/tries"] = tries
         host["time/generation"] = time.perf_counter() - start
         host["tokens/generated"] = float(np.asarray(out.lengths_R).sum())
         return dict(rollout_batch(out, total_R)), host
 
-    def _dynamic(self, params, prompts, out, total_R, step, key):
+    def _dynamic(self, params, prompts, out, total_R, step):
         G = self.group_size
         informative = lambda r: np.flatnonzero(r.reshape(-1, G).std(axis=1) > 0)
         keep = [(out, total_R, i) for i in informative(np.asarray(total_R))]
         tries = 1
         while len(keep) < len(prompts) and tries < self.config.grpo.dynamic_sampling_max_tries:
-            more = _rows(self.examples, len(prompts), 10_000_000 + step * 64 + tries, self.config.seed, True)
-            extra_out, extra_R, _, _ = self.sample(params, more, jax.random.fold_in(key, tries))
+            round_key = jax.random.fold_in(jax.random.fold_in(stream_key(self.config.seed, RESAMPLE_STREAM), step), tries)
+            pick_key, sample_key = jax.random.split(round_key)
+            picks = jax.random.choice(pick_key, len(self.examples), (len(prompts),), replace=False)
+            more = [self.examples[int(i)] for i in picks]
+            extra_out, extra_R, _, _ = self.sample(params, more, sample_key)
             keep += [(extra_out, extra_R, i) for i in informative(np.asarray(extra_R))]
             tries += 1
         # Too few informative groups after every try: fill with the first round's (zero-advantage) groups.
@@ -308,13 +314,17 @@ class Rollouts:
 
 def reward_model_function(config: Config, policy: Policy):
     """(reward model, reward function scoring prompt + completion with it at the last token)."""
-    reward_model = load_scalar_model(config.model.reward_model_path, dtype=config.model.dtype)
+    reward_model = load_scalar_model(
+        config.model.reward_model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+    )
     score = jax.jit(lambda params, tokens, mask: scalar_scores(params, reward_model.config, tokens, mask)[1])
 
     def rm_reward(prompts, completions, **fields):
-        ids = [tok.prompt_ids(policy.tokenizer, q) + completion_ids(policy.tokenizer, c)[:-1]
+        # Scored at EOS, as the reward model was trained (`pair_batch`); bucketed to few shapes.
+        ids = [tok.prompt_ids(policy.tokenizer, q) + completion_ids(policy.tokenizer, c)
                for q, c in zip(prompts, completions)]
-        tokens, mask = data.left_pad(ids, max(map(len, ids)), policy.tokenizer.pad_token_id)
+        width = data.bucket_length(max(map(len, ids)), config.data.max_prompt_len + config.data.max_completion_len + 1)
+        tokens, mask = data.left_pad(ids, width, policy.tokenizer.pad_token_id)
         return np.asarray(score(reward_model.params, tokens, mask.astype(np.int32)))
 
     return reward_model, rm_reward
@@ -346,24 +356,28 @@ def grpo_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
 def ppo_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
     """PPO with actor, critic, frozen reference and frozen reward model (seed design)."""
     p = config.ppo
-    key = jax.random.key(config.seed + 3)
+    key = jax.random.fold_in(stream_key(config.seed, INIT_STREAM), 3)
     reward_model, rm_reward = reward_model_function(config, policy)
     if config.model.critic_path:
-        critic_params = load_scalar_model(config.model.critic_path, key, dtype=config.model.dtype).params
+        critic = load_scalar_model(
+            config.model.critic_path, key, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+        )
+        critic_config, critic_params = critic.config, critic.params
     else:
+        critic_config = policy.config
         critic_params = init_scalar_params_from_lm(_own_copy(policy.params), key, policy.config)
     ref = reference_params(config, policy)
     step = make_ppo_step(
         policy.config, p, config.sampling.temperature, config.train.grad_accum,
-        reward_config=reward_model.config,
+        critic_config=critic_config, reward_config=reward_model.config,
     )
     registry = {**rewards_lib.REGISTRY, REWARD_MODEL: rm_reward}
     eval_names = (REWARD_MODEL, "preference_score") if "preference_target" in train_set[0] else (REWARD_MODEL,)
     rollouts = Rollouts(config, policy, train_set, 1, None)
     evaluator = Rollouts(config, policy, train_set, 1, rewards_lib.combine(list(eval_names), None, registry))
     actor = TrainState.create(policy.params, _optimizer(config))
-    critic = TrainState.create(critic_params, _optimizer(config, lr=config.optim.critic_lr))
-    state = PPOState.create(actor, critic, ref, _own_copy(reward_model.params), p.kl_coef)
+    critic_state = TrainState.create(critic_params, _optimizer(config, lr=config.optim.critic_lr))
+    state = PPOState.create(actor, critic_state, ref, _own_copy(reward_model.params), p.kl_coef)
     return Phase(
         state, step, lambda st, s: rollouts.batch(st.actor.params, s), lambda st: st.actor.params,
         lambda st: evaluator.evaluate(st.actor.params, eval_set),
@@ -412,6 +426,7 @@ def train(config: Config, policy: Policy | None = None, quiet: bool = False) -> 
     os.makedirs(config.run_dir, exist_ok=True)
     if policy is None:
         policy = load_policy(config)
+    validate(config, policy.config.max_position_embeddings)
     if config.algorithm in ("grpo", "ppo") and config.train.sft_warmup_steps > 0:
         policy = sft_warmup(config, policy, quiet)
     save_config(config, os.path.join(config.run_dir, "config.yaml"))
@@ -439,55 +454,62 @@ def sft_warmup(config: Config, policy: Policy, quiet: bool) -> Policy:
 def run_phase(config: Config, phase: Phase, policy: Policy, quiet: bool = False) -> RunResult:
     """The step loop of one phase: resume, step, log, evaluate, checkpoint, and finish."""
     t = config.train
-    manager = checkpoint.checkpoint_manager(
-        os.path.join(config.run_dir, "checkpoints"), t.keep_checkpoints, max(t.checkpoint_every, 1)
-    )
+    manager = checkpoint.checkpoint_manager(os.path.join(config.run_dir, "checkpoints"), t.keep_checkpoints)
     state, start = phase.state, 0
     if t.resume:
         restored = checkpoint.restore_latest(manager, state)
         if restored is not None:
-            done, state, _ = restored
-            start = done + 1
+            last_saved, state, _ = restored
+            start = last_saved + 1
+    elif manager.latest_step() is not None:
+        raise TrainingError(
+            f"{manager.directory} already holds checkpoints (latest step {manager.latest_step()}); set "
+            "train.resume=true to continue that run, or choose another run_dir."
+        )
     before = {}
     if phase.evaluate and t.eval_every and start == 0:
         before = {f"before/{k}": v for k, v in phase.evaluate(state).items()}
     step_fn = jax.jit(phase.step, donate_argnums=0)
     o = config.optim
     lr_at = learning_rate_schedule(o.lr, t.total_steps, o.schedule, o.warmup_steps)
-    writer = metrics_lib.MetricsWriter(config.run_dir, t.tensorboard)
-    base_key = jax.random.key(config.seed)
+    writer = metrics_lib.MetricsWriter(config.run_dir, t.tensorboard, start)
+    base_key = stream_key(config.seed, STEP_STREAM)
     bar = None if quiet else _progress(t.total_steps, start)
-    row, step = {}, start - 1
+    row, done = {}, start - 1  # `done`: the last step whose update is in `state`
     meta = lambda s: {"step": s, "algorithm": config.algorithm, "config": config_to_dict(config)}
     try:
         for step in range(start, t.total_steps):
             batch, host = phase.make_batch(state, step)
             began = time.perf_counter()
             state, out = step_fn(state, batch, jax.random.fold_in(base_key, step))
+            done = step
             out = jax.device_get(out)
             host["time/train"] = time.perf_counter() - began
             host["lr"] = float(lr_at(step))
             host["tokens_per_s"] = _tokens(batch) / (host["time/train"] + host.get("time/generation", 0.0))
             if phase.evaluate and t.eval_every and (step + 1) % t.eval_every == 0:
                 host.update(phase.evaluate(state))
-            row = writer.write(step, {**out, **host})
+            evaluated = any(name.startswith("eval/") for name in host)
+            row = {name: float(np.asarray(value)) for name, value in {**out, **host}.items()}
             _finite_or_raise(step, row)
+            if step % t.log_every == 0 or evaluated or step == t.total_steps - 1:
+                writer.write(step, row)
             if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
                 checkpoint.save(manager, step, state, meta(step))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in CONSOLE_METRICS if k in row}, refresh=False)
     except KeyboardInterrupt:
-        if step >= start:
-            checkpoint.save(manager, step, state, meta(step), force=True)
-        print(f"\ninterrupted: saved step {step} in {manager.directory}; resume with train.resume=true")
+        if done >= start and manager.latest_step() != done:
+            checkpoint.save(manager, done, state, meta(done))
+        print(f"\ninterrupted: step {done} is saved in {manager.directory}; resume with train.resume=true")
         raise
     finally:
         writer.close()
         if bar is not None:
             bar.close()
-    if step >= start and manager.latest_step() != step:
-        checkpoint.save(manager, step, state, meta(step), force=True)
+    if done >= start and manager.latest_step() != done:
+        checkpoint.save(manager, done, state, meta(done))
     if phase.evaluate and start < t.total_steps:
         row.update(phase.evaluate(state))
     row.update(before)

@@ -18,12 +18,18 @@ def _to_float(value) -> float:
 
 
 class MetricsWriter:
-    """Appends `{"step": s, **metrics}` lines to metrics.jsonl (and TensorBoard if asked)."""
+    """Writes `{"step": s, **metrics}` lines to metrics.jsonl (and TensorBoard if asked); a run
+    resumed at `start_step` keeps the rows of the steps before it."""
 
-    def __init__(self, run_dir: str, tensorboard: bool = False):
+    def __init__(self, run_dir: str, tensorboard: bool = False, start_step: int = 0):
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self._file = open(self.path, "a", encoding="utf-8")
+        # A resumed run rewrites the steps after its checkpoint, so keep only the rows before it.
+        kept = [row for row in read_metrics(run_dir) if row["step"] < start_step] if (
+            start_step and os.path.exists(self.path)) else []
+        self._file = open(self.path, "w", encoding="utf-8")
+        for row in kept:
+            self._file.write(json.dumps(row) + "\n")
         self._tb = None
         if tensorboard:
             try:

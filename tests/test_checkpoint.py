@@ -23,14 +23,14 @@ def _step(state: TrainState) -> TrainState:
 def test_keeps_last_k_and_restores_latest_exactly(tmp_path):
     manager = checkpoint.checkpoint_manager(str(tmp_path), keep=2)
     state = _state(0)
-    for step in range(1, 5):
+    for step in (2, 5, 8, 11):  # every 3 steps, as a loop with checkpoint_every=3 saves them
         state = _step(state)
         checkpoint.save(manager, step, state, {"step": step, "data_index": 10 * step})
-    assert manager.all_steps() == [3, 4]
+    assert manager.all_steps() == [8, 11]
 
     reopened = checkpoint.checkpoint_manager(str(tmp_path), keep=2)
     step, restored, meta = checkpoint.restore_latest(reopened, _state(1))
-    assert step == 4 and meta == {"step": 4, "data_index": 40}
+    assert step == 11 and meta == {"step": 11, "data_index": 110}
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     # A resumed state continues exactly like the uninterrupted one.

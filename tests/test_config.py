@@ -133,6 +133,7 @@ def test_inconsistent_sizes_name_the_fields_and_the_fix():
     message = error_of("mesh.data=3")
     assert "the microbatch of 64 sequences must split over mesh.data × mesh.fsdp = 3 devices" in message
     assert "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1" in error_of("mesh.fsdp=-1")
+    assert "not implemented yet" in error_of("mesh.tensor=2")
     # Only the active algorithm's minibatches count.
     assert load_config(None, ["grpo.num_minibatches=5", "algorithm=sft"]).algorithm == "sft"
     message = error_of("algorithm=ppo", "model.reward_model_path=rm", "ppo.num_minibatches=5")

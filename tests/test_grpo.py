@@ -111,7 +111,8 @@ def test_k3_kl_in_loss_matches_numpy(params):
     l = ref_logp(params, batch) - ref_logp(ref_params, batch)
     k3 = np.exp(-l) - 1 + l
     m = batch["completion_mask"]
-    np.testing.assert_allclose(float(metrics["kl"]), (k3 * m).sum() / m.sum(), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["kl/token"]), (k3 * m).sum() / m.sum(), rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["kl"]), (k3 * m).sum(1).mean(), rtol=1e-4)
     np.testing.assert_allclose(float(metrics["loss"]), float(metrics["pg_loss"]) + 0.1 * (k3 * m).sum() / m.sum(), rtol=1e-4)
 
 

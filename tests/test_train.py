@@ -52,7 +52,10 @@ def test_sft_run_leaves_its_files_and_resumes_exactly(tmp_path):
     resumed = train(config("sft", tmp_path / "split", "train.total_steps=6", "train.resume=true", *common), quiet=True)
     for a, b in zip(jax.tree.leaves(whole.policy.params), jax.tree.leaves(resumed.policy.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert [r["step"] for r in rows(resumed.run_dir)] == list(range(6))
     assert [r["loss"] for r in rows(resumed.run_dir)][3:] == pytest.approx([r["loss"] for r in logged][3:], rel=1e-6)
+    with pytest.raises(TrainingError, match="train.resume=true"):
+        train(config("sft", tmp_path / "split", "train.total_steps=6", *common), quiet=True)
 
 
 def test_grpo_run_with_warm_start_and_dynamic_sampling(tmp_path):

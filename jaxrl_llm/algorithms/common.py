@@ -67,7 +67,7 @@ def hidden_logprobs(
         hidden_BxTxD[:, :-1], lm_head_DxV, tokens_BxT[:, 1:], chunk_size=chunk_size,
         with_entropy=with_entropy, temperature=temperature,
     )
-    return jax.tree.map(_shift_right, scored)
+    return jax.tree.map(shift_right, scored)
 
 
 def score_tokens(
@@ -91,11 +91,33 @@ def hidden_full_kl(
         ref_hidden_BxTxD[:, :-1], lm_head_weight(ref_params, model_config).astype(ref_hidden_BxTxD.dtype),
         chunk_size=chunk_size, temperature=temperature,
     )
-    return _shift_right(kl_BxT1)
+    return shift_right(kl_BxT1)
 
 
-def _shift_right(x_BxT1):
+def shift_right(x_BxT1):
+    """Prepend a zero column: [B,T-1] scores of tokens 1..T-1 become [B,T] aligned with the tokens."""
     return jnp.pad(x_BxT1, ((0, 0), (1, 0)))
+
+
+def policy_scores(
+    params, model_config: ModelConfig, batch: dict, temperature: float = 1.0,
+    with_entropy: bool = False, chunk_size: int = 128,
+):
+    """(final hidden [B,T,D], log-probs [B,T], entropy [B,T] or None) of a sequence batch."""
+    hidden_BxTxD = final_hidden(params, model_config, batch["tokens"], batch["mask"])
+    scored = hidden_logprobs(
+        params, model_config, hidden_BxTxD, batch["tokens"], temperature, with_entropy, chunk_size
+    )
+    logp_BxT, entropy_BxT = scored if with_entropy else (scored, None)
+    return hidden_BxTxD, logp_BxT, entropy_BxT
+
+
+def update_rows(key: jax.Array, num_rows: int, num_minibatches: int, passes: int):
+    """Row indices [passes·M, B/M] of each update: every pass is a fresh shuffle split in M minibatches."""
+    if num_minibatches == 1:
+        return jnp.tile(jnp.arange(num_rows)[None], (passes, 1))
+    perms = [jax.random.permutation(jax.random.fold_in(key, i), num_rows) for i in range(passes)]
+    return jnp.concatenate(perms).reshape(passes * num_minibatches, num_rows // num_minibatches)
 
 
 def last_token_index(mask_BxT):

@@ -35,30 +35,40 @@ def completion_logps(params, model_config: ModelConfig, batch: dict, chunk_size:
     return jnp.split((logp_2BxT * completion_2BxT).sum(axis=1), 2)
 
 
+def pair_loss(
+    params, ref_params, model_config: ModelConfig, batch: dict, beta: float, kind: str,
+    label_smoothing: float, chunk_size: int = 128,
+):
+    """Per-pair DPO loss [B] and metrics; `ipo` averages log-probs per token (as TRL)."""
+    ref_chosen_B, ref_rejected_B = jax.lax.stop_gradient(
+        completion_logps(ref_params, model_config, batch, chunk_size)
+    )
+    chosen_B, rejected_B = completion_logps(params, model_config, batch, chunk_size)
+    lengths = {}
+    if kind == "ipo":
+        lengths = dict(
+            chosen_len_B=batch["chosen_completion_mask"].sum(axis=1),
+            rejected_len_B=batch["rejected_completion_mask"].sum(axis=1),
+        )
+    return dpo_loss(
+        chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, beta=beta, kind=kind,
+        label_smoothing=label_smoothing, **lengths,
+    )
+
+
 def make_dpo_step(
     model_config: ModelConfig, beta: float = 0.1, kind: str = "sigmoid", label_smoothing: float = 0.0,
     num_microbatches: int = 1, chunk_size: int = 128,
 ):
-    """`step(state, batch, key) -> (state, metrics)`; `ipo` averages log-probs per token (as TRL)."""
+    """`step(state, batch, key) -> (state, metrics)` on pairs of chosen/rejected sequence batches."""
 
     def step(state: DPOState, batch: dict, key=None):
         del key
         num_pairs = batch["chosen_tokens"].shape[0]
 
         def loss_fn(params, microbatch):
-            ref_chosen_B, ref_rejected_B = jax.lax.stop_gradient(
-                completion_logps(state.ref_params, model_config, microbatch, chunk_size)
-            )
-            chosen_B, rejected_B = completion_logps(params, model_config, microbatch, chunk_size)
-            lengths = {}
-            if kind == "ipo":
-                lengths = dict(
-                    chosen_len_B=microbatch["chosen_completion_mask"].sum(axis=1),
-                    rejected_len_B=microbatch["rejected_completion_mask"].sum(axis=1),
-                )
-            loss_B, metrics = dpo_loss(
-                chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, beta=beta, kind=kind,
-                label_smoothing=label_smoothing, **lengths,
+            loss_B, metrics = pair_loss(
+                params, state.ref_params, model_config, microbatch, beta, kind, label_smoothing, chunk_size
             )
             return loss_B.sum() / num_pairs, metrics
 

@@ -20,9 +20,9 @@ from flax import struct
 
 from jaxrl_llm.algorithms.common import (
     accumulate_gradients,
-    final_hidden,
     hidden_full_kl,
-    hidden_logprobs,
+    policy_scores,
+    update_rows,
 )
 from jaxrl_llm.config import GRPOSection
 from jaxrl_llm.core import (
@@ -49,11 +49,6 @@ def uses_reference(cfg: GRPOSection) -> bool:
     return cfg.kl_coef > 0 and cfg.kl_placement != "none"
 
 
-def _masked_mean(x_RxT, mask_RxT):
-    m = mask_RxT.astype(jnp.float32)
-    return jnp.sum(x_RxT * m) / jnp.maximum(jnp.sum(m), 1.0)
-
-
 def make_grpo_step(
     model_config: ModelConfig, cfg: GRPOSection, temperature: float = 1.0, num_microbatches: int = 1,
     max_completion_len: int | None = None, chunk_size: int = 128,
@@ -67,12 +62,8 @@ def make_grpo_step(
     full_kl = cfg.kl_estimator == "full"
     loss_kwargs = _loss_kwargs(cfg)
 
-    def scored(params, batch):
-        hidden_RxTxD = final_hidden(params, model_config, batch["tokens"], batch["mask"])
-        logp_RxT, entropy_RxT = hidden_logprobs(
-            params, model_config, hidden_RxTxD, batch["tokens"], temperature, True, chunk_size
-        )
-        return hidden_RxTxD, logp_RxT, entropy_RxT
+    def scored(params, batch, with_entropy=False):
+        return policy_scores(params, model_config, batch, temperature, with_entropy, chunk_size)
 
     def step(state: GRPOState, batch: dict, key: jax.Array):
         batch = jax.tree.map(jnp.asarray, batch)
@@ -107,6 +98,7 @@ def make_grpo_step(
             seq_kl_R = jnp.sum(kl_RxT * batch["completion_mask"], axis=1)
             rewards_R = rewards_R - cfg.kl_coef * seq_kl_R
             metrics["kl"] = jnp.mean(seq_kl_R)
+            metrics["kl/token"] = aggregate(kl_RxT, batch["completion_mask"])
         if cfg.overlong_shaping:
             shaping_R = overlong_penalty(lengths_R, max_len, cfg.overlong_buffer)
             rewards_R = rewards_R + shaping_R
@@ -114,16 +106,17 @@ def make_grpo_step(
         batch["adv"] = group_advantages(rewards_R, cfg.group_size, cfg.adv_scaling, cfg.std, cfg.std_eps)
 
         def loss_fn(params, mb, normalizer):
-            hidden_RxTxD, logp_RxT, entropy_RxT = scored(params, mb)
+            hidden_RxTxD, logp_RxT, entropy_RxT = scored(params, mb, with_entropy=True)
             mask_RxT = mb["completion_mask"]
             pg_RxT, out = policy_loss(logp_RxT, mb["old_logp"], mb["adv"], mask_RxT, cfg.loss, **loss_kwargs)
             loss = aggregate(pg_RxT, mask_RxT, cfg.aggregation, normalizer, max_len=max_len)
-            out = {**out, "pg_loss": loss, "entropy": _masked_mean(entropy_RxT, mask_RxT)}
+            out = {**out, "pg_loss": loss, "entropy": aggregate(entropy_RxT, mask_RxT)}
             if with_ref and cfg.kl_placement == "loss":
                 kl_RxT = token_kl(params, hidden_RxTxD, logp_RxT, mb.get("ref_hidden"), mb["ref_logp"])
                 kl_loss = aggregate(kl_RxT, mask_RxT, cfg.aggregation, normalizer, max_len=max_len)
                 loss = loss + cfg.kl_coef * kl_loss
-                out["kl"] = _masked_mean(kl_RxT, mask_RxT)
+                out["kl"] = jnp.sum(kl_RxT * mask_RxT) / mask_RxT.shape[0]
+                out["kl/token"] = aggregate(kl_RxT, mask_RxT)
             return loss, out
 
         def one_update(policy, rows):
@@ -134,7 +127,7 @@ def make_grpo_step(
             )
             return policy.apply_gradients(grads), {"loss": loss, "grad_norm": optax.tree.norm(grads), **out}
 
-        rows_UxS = _update_rows(key, R, cfg.num_minibatches, cfg.num_iterations)
+        rows_UxS = update_rows(key, R, cfg.num_minibatches, cfg.num_iterations)
         policy, update_metrics = jax.lax.scan(one_update, state.policy, rows_UxS)
         metrics.update(jax.tree.map(lambda m: jnp.mean(m, axis=0), update_metrics))
         metrics.update(
@@ -154,14 +147,6 @@ def _loss_kwargs(cfg: GRPOSection) -> dict:
     if cfg.loss == "cispo":
         return dict(eps_max=cfg.cispo_eps_max)
     return dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip)
-
-
-def _update_rows(key, R: int, num_minibatches: int, num_iterations: int):
-    """Row indices [U, R/M] of each update: every iteration is a fresh shuffle split into minibatches."""
-    if num_minibatches == 1:
-        return jnp.tile(jnp.arange(R)[None], (num_iterations, 1))
-    perms = [jax.random.permutation(jax.random.fold_in(key, i), R) for i in range(num_iterations)]
-    return jnp.concatenate(perms).reshape(num_iterations * num_minibatches, R // num_minibatches)
 
 
 def _rollout_metrics(rewards_R, adv_R, lengths_R, truncated_R, G: int) -> dict:

@@ -25,10 +25,11 @@ from flax import struct
 
 from jaxrl_llm.algorithms.common import (
     accumulate_gradients,
-    final_hidden,
     hidden_full_kl,
-    hidden_logprobs,
+    policy_scores,
     scalar_scores,
+    shift_right,
+    update_rows,
 )
 from jaxrl_llm.config import PPOSection
 from jaxrl_llm.core import (
@@ -61,20 +62,10 @@ class PPOState(struct.PyTreeNode):
         return cls(actor, critic, ref_params, reward_params, jnp.asarray(kl_coef, jnp.float32))
 
 
-def _shift_right(x_RxT):
-    return jnp.pad(x_RxT[:, :-1], ((0, 0), (1, 0)))
-
-
-def _masked_mean(x_RxT, mask_RxT):
-    m = mask_RxT.astype(jnp.float32)
-    return jnp.sum(x_RxT * m) / jnp.maximum(jnp.sum(m), 1.0)
-
-
 def explained_variance(values_RxT, returns_RxT, mask_RxT):
     """1 − Var(R − V)/Var(R) over valid tokens: 1 is a perfect critic, ≤ 0 no better than a constant."""
     def var(x):
-        mean = _masked_mean(x, mask_RxT)
-        return _masked_mean(jnp.square(x - mean), mask_RxT)
+        return aggregate(jnp.square(x - aggregate(x, mask_RxT)), mask_RxT)
 
     return 1.0 - var(returns_RxT - values_RxT) / jnp.maximum(var(returns_RxT), 1e-8)
 
@@ -89,24 +80,20 @@ def make_ppo_step(
     reward_config = reward_config or model_config
     full_kl = cfg.kl_estimator == "full"
 
-    def policy_scores(params, batch):
-        hidden_RxTxD = final_hidden(params, model_config, batch["tokens"], batch["mask"])
-        logp_RxT, entropy_RxT = hidden_logprobs(
-            params, model_config, hidden_RxTxD, batch["tokens"], temperature, True, chunk_size
-        )
-        return hidden_RxTxD, logp_RxT, entropy_RxT
+    def scored(params, batch, with_entropy=False):
+        return policy_scores(params, model_config, batch, temperature, with_entropy, chunk_size)
 
     def values_of(params, batch):
         values_RxT, _ = scalar_scores(params, critic_config, batch["tokens"], batch["mask"])
-        return _shift_right(values_RxT)
+        return shift_right(values_RxT[:, :-1])
 
     def step(state: PPOState, batch: dict, key: jax.Array):
         batch = jax.tree.map(jnp.asarray, batch)
         R = batch["tokens"].shape[0]
         mask_RxT = batch["completion_mask"]
 
-        hidden_RxTxD, old_logp_RxT, _ = jax.lax.stop_gradient(policy_scores(state.actor.params, batch))
-        ref_hidden_RxTxD, ref_logp_RxT, _ = policy_scores(state.ref_params, batch)
+        hidden_RxTxD, old_logp_RxT, _ = jax.lax.stop_gradient(scored(state.actor.params, batch))
+        ref_hidden_RxTxD, ref_logp_RxT, _ = scored(state.ref_params, batch)
         if full_kl:
             kl_RxT = hidden_full_kl(
                 state.actor.params, hidden_RxTxD, state.ref_params, ref_hidden_RxTxD, model_config,
@@ -133,14 +120,14 @@ def make_ppo_step(
         }
 
         def actor_loss(params, mb, normalizer):
-            _, logp_RxT, entropy_RxT = policy_scores(params, mb)
+            _, logp_RxT, entropy_RxT = scored(params, mb, with_entropy=True)
             m_RxT = mb["completion_mask"]
             pg_RxT, out = policy_loss(
                 logp_RxT, mb["old_logp"], mb["adv"], m_RxT, "ppo", eps_low=cfg.eps, eps_high=cfg.eps
             )
             pg_loss = aggregate(pg_RxT, m_RxT, "token_mean", normalizer)
             loss = pg_loss + entropy_bonus(entropy_RxT, m_RxT, cfg.entropy_coef, "token_mean", normalizer)
-            return loss, {**out, "pg_loss": pg_loss, "entropy": _masked_mean(entropy_RxT, m_RxT)}
+            return loss, {**out, "pg_loss": pg_loss, "entropy": aggregate(entropy_RxT, m_RxT)}
 
         def critic_loss(params, mb, normalizer):
             values_RxT = values_of(params, mb)
@@ -167,10 +154,7 @@ def make_ppo_step(
             }
             return (actor.apply_gradients(actor_grads), critic.apply_gradients(critic_grads)), out
 
-        rows_UxS = jnp.concatenate([
-            jax.random.permutation(jax.random.fold_in(key, epoch), R).reshape(cfg.num_minibatches, -1)
-            for epoch in range(cfg.epochs)
-        ])
+        rows_UxS = update_rows(key, R, cfg.num_minibatches, cfg.epochs)
         (actor, critic), update_metrics = jax.lax.scan(one_update, (state.actor, state.critic), rows_UxS)
 
         seq_kl_R = jnp.sum(kl_RxT * mask_RxT, axis=1)
@@ -186,8 +170,8 @@ def make_ppo_step(
             "reward/non_score": jnp.mean(jnp.sum(rewards_RxT, axis=1) - score_R),
             "kl": jnp.mean(seq_kl_R),
             "kl_coef": state.kl_coef,
-            "values/mean": _masked_mean(old_values_RxT, mask_RxT),
-            "returns/mean": _masked_mean(returns_RxT, mask_RxT),
+            "values/mean": aggregate(old_values_RxT, mask_RxT),
+            "returns/mean": aggregate(returns_RxT, mask_RxT),
             "explained_variance": explained_variance(old_values_RxT, returns_RxT, mask_RxT),
             "response_length/mean": jnp.mean(lengths_R),
             "response_length/max": jnp.max(lengths_R),
