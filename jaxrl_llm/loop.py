@@ -303,13 +303,17 @@ class Rollouts:
 
     def evaluate(self, params, eval_set: list[dict]) -> dict:
         """Greedy answers to the held-out prompts: mean reward, exact-answer accuracy, length."""
+        return self.evaluate_answers(params, eval_set)[0]
+
+    def evaluate_answers(self, params, eval_set: list[dict]) -> tuple[dict, list[str]]:
+        """`evaluate`'s metrics and the greedy answers themselves."""
         greedy = dataclasses.replace(self.sampling, temperature=0.0, n=1)
-        out, total_R, parts, _ = self.sample(params, eval_set, jax.random.key(0), greedy)
+        out, total_R, parts, texts = self.sample(params, eval_set, jax.random.key(0), greedy)
         result = {"eval/reward": float(np.mean(total_R)), "eval/response_length": float(np.mean(out.lengths_R))}
         result.update({f"eval/{name}": float(np.mean(v)) for name, v in parts.items()})
         if "arithmetic_exact" in parts:
             result["eval/accuracy"] = float(np.mean(parts["arithmetic_exact"] > 0))
-        return result
+        return result, texts
 
 
 def reward_model_function(config: Config, policy: Policy):

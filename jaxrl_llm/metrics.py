@@ -10,7 +10,9 @@ from typing import Iterable
 
 import numpy as np
 
-MAIN_CURVES = ("reward/mean", "loss", "kl", "entropy", "response_length/mean", "clipfrac/high")
+MAIN_CURVES = (
+    "reward/mean", "eval/accuracy", "eval/reward", "loss", "kl", "entropy", "response_length/mean", "clipfrac/high",
+)
 
 
 def _to_float(value) -> float:
@@ -65,17 +67,40 @@ def read_metrics(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in file if line.strip()]
 
 
-def plot_runs(run_dirs: Iterable[str], out_path: str, names: Iterable[str] = MAIN_CURVES) -> str:
-    """Draw each named metric that any run logged, one panel per metric, one line per run."""
+def _labels(run_dirs: list[str]) -> list[str]:
+    """Each run's folder name, or its path below the runs' common folder when names repeat."""
+    names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    if len(set(names)) == len(names):
+        return names
+    common = os.path.commonpath([os.path.abspath(d) for d in run_dirs])
+    return [os.path.relpath(os.path.abspath(d), common) for d in run_dirs]
+
+
+def _with_start(run_dir: str, rows: list[dict]) -> list[dict]:
+    """The rows, plus the evaluation before training (summary.json's `before/*`) as a point at step 0."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return rows
+    with open(path, encoding="utf-8") as file:
+        before = {k[len("before/"):]: v for k, v in json.load(file).items() if k.startswith("before/")}
+    return [{"step": 0, **before}, *rows] if before else rows
+
+
+def plot_runs(
+    run_dirs: Iterable[str], out_path: str, names: Iterable[str] = MAIN_CURVES, title: str | None = None
+) -> str:
+    """Draw each named metric that any run logged, one panel per metric, one line per run (labelled
+    by folder name); evaluations start from the run's before-training evaluation."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {os.path.basename(os.path.normpath(d)): read_metrics(d) for d in run_dirs}
+    run_dirs, names = list(run_dirs), list(names)
+    runs = {label: _with_start(d, read_metrics(d)) for label, d in zip(_labels(run_dirs), run_dirs)}
     present = [n for n in names if any(n in row for rows in runs.values() for row in rows)]
     if not present:
-        raise ValueError(f"none of the metrics {list(names)} were logged in {list(runs)}")
+        raise ValueError(f"none of the metrics {names} were logged in {list(runs)}")
     cols = min(3, len(present))
     rows = math.ceil(len(present) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
@@ -83,13 +108,15 @@ def plot_runs(run_dirs: Iterable[str], out_path: str, names: Iterable[str] = MAI
         for label, metrics in runs.items():
             points = [(r["step"], r[name]) for r in metrics if name in r]
             if points:
-                ax.plot(*zip(*points), label=label)
+                ax.plot(*zip(*points), label=label, marker="o" if len(points) < 30 else None, markersize=3)
         ax.set_title(name)
         ax.set_xlabel("step")
     for ax in axes.flat[len(present):]:
         ax.axis("off")
     if len(runs) > 1:
         axes.flat[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
