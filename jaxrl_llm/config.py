@@ -223,11 +223,15 @@ class TrainSection:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    """Device mesh sizes; -1 takes the remaining devices."""
+    """Device mesh sizes (-1 takes the remaining devices) and, for multi-host runs, how to reach
+    the coordinator (unset: single process, or JAX's auto-detection under SLURM, MPI or a TPU pod)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    coordinator_address: str | None = None  # "host:port" of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -614,18 +618,22 @@ def _check_rewards(config: Config) -> None:
 
 
 def _check_mesh(config: Config) -> None:
-    """Mesh sizes are positive, with at most one -1."""
-    sizes = config_to_dict(config.mesh)
+    """Mesh sizes are positive, with at most one -1; multi-host fields come together."""
+    m = config.mesh
+    sizes = {"data": m.data, "fsdp": m.fsdp, "tensor": m.tensor}
     for name, size in sizes.items():
         if size == 0 or size < -1:
             raise ConfigError(f"mesh.{name} must be a positive size or -1 (the remaining devices), got {size}.")
     if list(sizes.values()).count(-1) > 1:
         raise ConfigError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1 (the remaining devices).")
-    if config.mesh != MeshSection():
+    distributed = (m.coordinator_address, m.num_processes, m.process_id)
+    if any(v is not None for v in distributed) and any(v is None for v in distributed):
         raise ConfigError(
-            "sharding over a device mesh is not implemented yet: runs use one device; leave mesh.data, "
-            "mesh.fsdp and mesh.tensor at their defaults (-1, 1, 1)."
+            "a multi-host run needs mesh.coordinator_address, mesh.num_processes and mesh.process_id "
+            "together (or none of them, to let JAX detect the cluster)."
         )
+    if m.num_processes is not None and not 0 <= m.process_id < m.num_processes:
+        raise ConfigError(f"mesh.process_id must be in [0, mesh.num_processes={m.num_processes}), got {m.process_id}.")
 
 
 def validate(config: Config, max_positions: int | None = None) -> Config:

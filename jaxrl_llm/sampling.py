@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_llm import sharding
 from jaxrl_llm.core.logprobs import token_logprobs
 from jaxrl_llm.models.transformer import (
     CACHE_AXES,
@@ -289,8 +290,16 @@ def _repeat_rows(cache: Cache, n: int, new_slots: int) -> Cache:
     return _constrain(jax.tree.map(lambda c: jnp.pad(jnp.repeat(c, n, axis=0), widths), cache))
 
 
-@jax.jit(static_argnames=("config", "model_config"))
-def _generate(params, tokens_BxP, mask_BxP, key, config: SamplingConfig, model_config: ModelConfig):
+@jax.jit(static_argnames=("config", "model_config", "mesh"))
+def _generate(params, tokens_BxP, mask_BxP, key, config: SamplingConfig, model_config: ModelConfig, mesh=None):
+    if mesh is None:
+        return _decode(params, tokens_BxP, mask_BxP, key, config, model_config)
+    with sharding.mesh_context(mesh):
+        return _decode(params, tokens_BxP, mask_BxP, key, config, model_config)
+
+
+def _decode(params, tokens_BxP, mask_BxP, key, config: SamplingConfig, model_config: ModelConfig):
+    """Prefill, then the decode loop until every row stopped or N tokens (traced by `_generate`)."""
     n, N, P = config.n, config.max_new_tokens, tokens_BxP.shape[1]
     logits_BxV, prompt_caches = prefill(params, tokens_BxP, mask_BxP, model_config, config.cache_dtype)
     layers = unstack_layers(params, model_config)
@@ -335,10 +344,16 @@ def _generate(params, tokens_BxP, mask_BxP, key, config: SamplingConfig, model_c
     )
 
 
-def generate(params, prompts, key, config: SamplingConfig, model_config: ModelConfig) -> Completions:
-    """`config.n` completions per prompt of token-id lists (bucketed) or a padded (tokens, mask) pair."""
+def generate(params, prompts, key, config: SamplingConfig, model_config: ModelConfig, mesh=None) -> Completions:
+    """`config.n` completions per prompt of token-id lists (bucketed) or a padded (tokens, mask) pair.
+
+    With a `mesh` (see `sharding.make_mesh`) rows and the KV cache split over data × fsdp and
+    heads over tensor, following the params' own layout; samples equal the unsharded ones.
+    """
     tokens_BxP, mask_BxP = pad_prompts(prompts, config, model_config)
-    return _generate(params, tokens_BxP, mask_BxP, key, config, model_config)
+    if mesh is not None:
+        tokens_BxP, mask_BxP = sharding.place_batch((tokens_BxP, mask_BxP), mesh)
+    return _generate(params, tokens_BxP, mask_BxP, key, config, model_config, mesh)
 
 
 def compiled_variants() -> int:

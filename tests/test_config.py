@@ -86,7 +86,7 @@ def test_yaml_round_trip_is_exact(tmp_path):
     ("grpo.eps_hihg=0.3", "unknown key 'grpo.eps_hihg', did you mean 'grpo.eps_high'?"),
     ("grpo.lr=1e-6", "unknown key 'grpo.lr', did you mean 'optim.lr'?"),
     ("gpro.group_size=4", "unknown key 'gpro', did you mean 'grpo'?"),
-    ("mesh.zzz=1", "unknown key 'mesh.zzz', valid keys of mesh: data, fsdp, tensor."),
+    ("mesh.zzz=1", "unknown key 'mesh.zzz', valid keys of mesh: data, fsdp, tensor, coordinator_address, num_processes, process_id."),
     ("grpo.group_size=eight", "grpo.group_size must be an int, got 'eight'."),
     ("grpo.group_size=8.5", "grpo.group_size must be an int, got 8.5."),
     ("train.resume=1", "train.resume must be a bool, got 1."),
@@ -133,7 +133,10 @@ def test_inconsistent_sizes_name_the_fields_and_the_fix():
     message = error_of("mesh.data=3")
     assert "the microbatch of 64 sequences must split over mesh.data × mesh.fsdp = 3 devices" in message
     assert "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1" in error_of("mesh.fsdp=-1")
-    assert "not implemented yet" in error_of("mesh.tensor=2")
+    assert "mesh.coordinator_address, mesh.num_processes and mesh.process_id" in error_of("mesh.num_processes=2")
+    assert "mesh.process_id must be in [0, mesh.num_processes=2)" in error_of(
+        "mesh.coordinator_address=localhost:1234", "mesh.num_processes=2", "mesh.process_id=2"
+    )
     # Only the active algorithm's minibatches count.
     assert load_config(None, ["grpo.num_minibatches=5", "algorithm=sft"]).algorithm == "sft"
     message = error_of("algorithm=ppo", "model.reward_model_path=rm", "ppo.num_minibatches=5")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -166,13 +167,16 @@ def make_optimizer(
 
 
 def split_microbatches(batch: dict, num_microbatches: int) -> dict:
-    """Reshape every [B, ...] leaf to [M, B/M, ...]."""
+    """Every [B, ...] leaf as [M, B/M, ...], microbatch m holding rows m, m+M, m+2M, ..."""
+    # Strided rows: when the rows are split over devices, every device keeps its own rows in each
+    # microbatch, so splitting needs no communication.
     def split(x):
         if x.shape[0] % num_microbatches:
             raise ValueError(
                 f"batch of {x.shape[0]} rows does not split into {num_microbatches} microbatches."
             )
-        return x.reshape(num_microbatches, x.shape[0] // num_microbatches, *x.shape[1:])
+        x = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
 
     return jax.tree.map(split, batch)
 

@@ -530,8 +530,12 @@ def _dequantize(tensor, rope_heads: int | None) -> np.ndarray:
 
 
 
-def params_from_checkpoint(ckpt: Checkpoint, specs: list[TensorSpec], config: ModelConfig) -> dict:
-    """Our param tree, read one HF tensor at a time into `config.param_dtype`."""
+def params_from_checkpoint(
+    ckpt: Checkpoint, specs: list[TensorSpec], config: ModelConfig, place: Callable | None = None
+) -> dict:
+    """Our param tree, read one HF tensor at a time into `config.param_dtype`; `place(path, array)`
+    puts each on its device(s) (default: the default device)."""
+    place = place or (lambda path, value: jnp.asarray(value))
     dtype = jnp.dtype(config.param_dtype)
     params: dict = {}
     for spec in specs:
@@ -541,7 +545,7 @@ def params_from_checkpoint(ckpt: Checkpoint, specs: list[TensorSpec], config: Mo
                 value[i] = _read_tensor(ckpt, spec, spec.hf_name.format(i=i))
         else:
             value = _read_tensor(ckpt, spec, spec.hf_name).astype(dtype)
-        _set_path(params, spec.path, jnp.asarray(value))
+        _set_path(params, spec.path, place(spec.path, value))
     return params
 
 
@@ -601,42 +605,56 @@ def _config(ckpt: Checkpoint, dtype: str, param_dtype: str | None, overrides: di
         raise ModelLoadError(f"{ckpt.config_file}: {err}") from None
 
 
+def _placer(config: ModelConfig, mesh, scalar_head: bool = False) -> Callable | None:
+    """With a mesh: upload each tensor straight into its sharded layout (see `sharding.RULES`)."""
+    if mesh is None:
+        return None
+    from jaxrl_llm import sharding  # sharding imports the model; imported late to avoid a cycle
+
+    return sharding.param_placer(config, mesh, scalar_head)
+
+
 def load_model(
-    source: str | Path, dtype: str = "float32", param_dtype: str | None = None, **overrides: Any
+    source: str | Path, dtype: str = "float32", param_dtype: str | None = None, mesh=None,
+    **overrides: Any,
 ) -> LoadedModel:
     """Load a causal LM from an HF folder, a .gguf file or a hub id.
 
     `dtype` is the compute dtype, `param_dtype` (default: `dtype`) the storage dtype each tensor is
     converted to as it is read; `overrides` replace ModelConfig fields (e.g. `remat="full"`).
-    The tokenizer is the folder's tokenizer.json or the GGUF's own, else None.
+    With a `mesh` every tensor goes straight from the file into its sharded layout, so no device
+    ever holds the whole model. The tokenizer is the folder's tokenizer.json or the GGUF's own.
     """
     ckpt = read_checkpoint(source)
     config = _config(ckpt, dtype, param_dtype, overrides)
-    params = params_from_checkpoint(ckpt, tensor_specs(config), config)
+    params = params_from_checkpoint(ckpt, tensor_specs(config), config, _placer(config, mesh))
     return LoadedModel(config, params, ckpt.tokenizer, Transformer(config))
 
 
 def load_scalar_model(
     source: str | Path, key: jax.Array | None = None, dtype: str = "float32",
-    param_dtype: str | None = None, **overrides: Any,
+    param_dtype: str | None = None, mesh=None, **overrides: Any,
 ) -> LoadedModel:
     """Load a value/reward model: the backbone of `source`, its `score` head or a fresh one.
 
     A source without `score.weight` (e.g. an SFT causal LM) gets a fresh head drawn from `key`.
+    `mesh` places the params sharded, as in `load_model`.
     """
     ckpt = read_checkpoint(source)
     config = _config(ckpt, dtype, param_dtype, overrides)
     specs = tensor_specs(config, scalar=True)
+    place = _placer(config, mesh, scalar_head=True)
     if ckpt.find("score.weight") is not None:
-        params = params_from_checkpoint(ckpt, specs, config)
+        params = params_from_checkpoint(ckpt, specs, config, place)
     elif key is None:
         raise ValueError(
             f"{ckpt.path} has no scalar head (score.weight); pass key= to initialise a fresh one."
         )
     else:
         backbone = [spec for spec in specs if spec.path[0] == "model"]
-        params = params_from_checkpoint(ckpt, backbone, config)
-        params["head"] = _fresh_head(config, key)
+        params = params_from_checkpoint(ckpt, backbone, config, place)
+        head = _fresh_head(config, key)
+        params["head"] = head if place is None else {name: place(("head", name), v) for name, v in head.items()}
     return LoadedModel(config, params, ckpt.tokenizer, ScalarModel(config))
 
 

@@ -163,6 +163,29 @@ class RMSNorm(nn.Module):
         return scale.astype(_dtype(self.dtype)) * normed.astype(_dtype(self.dtype))
 
 
+class Projection(nn.Module):
+    """`einsum(equation, x, kernel)` (+ bias over the kernel's output axes), like DenseGeneral."""
+
+    # Flax's DenseGeneral initialises a flattened kernel and reshapes it, and the flattened
+    # kernel breaks its own logical sharding constraint under a mesh; this kernel keeps its shape.
+    equation: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    config: ModelConfig
+    bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype, param_dtype = _dtype(self.config.dtype), _dtype(self.config.param_dtype)
+        kernel = self.param("kernel", _kernel_init(self.config, self.axes), self.shape, param_dtype)
+        y = jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+        if self.bias:
+            out_shape, out_axes = self.shape[1:], self.axes[1:]  # only q/k/v have biases: they contract axis 0
+            bias_init = nn.with_logical_partitioning(nn.initializers.zeros, out_axes)
+            y = y + self.param("bias", bias_init, out_shape, param_dtype).astype(dtype)
+        return y
+
+
 class Attention(nn.Module):
     """Grouped-query attention with RoPE, optional qkv bias and q/k norm, and a KV cache."""
 
@@ -174,16 +197,9 @@ class Attention(nn.Module):
         dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
 
         def projection(name, heads, head_axis):
-            return nn.DenseGeneral(
-                features=(heads, cfg.head_dim),
-                use_bias=cfg.attention_bias,
-                dtype=dtype,
-                param_dtype=param_dtype,
-                kernel_init=_kernel_init(cfg, ("embed", head_axis, "head_dim")),
-                bias_init=nn.with_logical_partitioning(
-                    nn.initializers.zeros, (head_axis, "head_dim")
-                ),
-                name=name,
+            return Projection(
+                "btd,dhe->bthe", (cfg.hidden_size, heads, cfg.head_dim), ("embed", head_axis, "head_dim"),
+                cfg, bias=cfg.attention_bias, name=name,
             )
 
         q_BxTxHxE = projection("q_proj", cfg.num_heads, "heads")(x_BxTxD)
@@ -226,14 +242,9 @@ class Attention(nn.Module):
         probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
         out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs_BxKxGxTxS, v_BxSxKxE.astype(dtype))
         out_BxTxHxE = out_BxTxKxGxE.reshape(B, T, H, E)
-        out_BxTxD = nn.DenseGeneral(
-            features=cfg.hidden_size,
-            axis=(-2, -1),
-            use_bias=False,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=_kernel_init(cfg, ("heads", "head_dim", "embed")),
-            name="o_proj",
+        out_BxTxD = Projection(
+            "bthe,hed->btd", (cfg.num_heads, cfg.head_dim, cfg.hidden_size), ("heads", "head_dim", "embed"),
+            cfg, name="o_proj",
         )(out_BxTxHxE)
         return out_BxTxD, new_cache
 
