@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -33,3 +34,18 @@ def test_missing_run_dir_is_a_clear_error(tmp_path):
         writer.write(0, {"other": 1.0})
         writer.close()
         metrics.plot_runs([str(tmp_path / "r")], str(tmp_path / "x.png"))
+
+
+def test_tensorboard_when_enabled(tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "tensorboardX", None)
+        with pytest.raises(ImportError, match="train.tensorboard=true needs tensorboardX: pip install tensorboardX"):
+            metrics.MetricsWriter(str(tmp_path / "without"), tensorboard=True)
+    pytest.importorskip("tensorboardX")
+    writer = metrics.MetricsWriter(str(tmp_path / "run"), tensorboard=True)
+    writer.write(0, {"loss": 1.5, "reward/mean": 0.25})
+    writer.close()
+    events = os.listdir(tmp_path / "run" / "tensorboard")
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+    content = (tmp_path / "run" / "tensorboard" / events[0]).read_bytes()
+    assert b"reward/mean" in content and b"loss" in content

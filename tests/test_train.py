@@ -1,6 +1,7 @@
 """The training loop end to end on tiny models: files a run leaves, exact resume, the RLHF pipeline."""
 
 import dataclasses
+import glob
 import json
 import os
 import subprocess
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 
 from jaxrl_llm import checkpoint
-from jaxrl_llm.config import load_config
-from jaxrl_llm.loop import TrainingError, load_policy, prepare_examples, run_phase, sft_phase, train
+from jaxrl_llm.config import ALGORITHMS, load_config
+from jaxrl_llm.loop import TrainingError, finish, load_policy, prepare_examples, run_phase, sft_phase, train
+from jaxrl_llm.metrics import MetricsWriter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -37,6 +39,33 @@ def test_cli_rejects_a_typo_before_compiling():
         capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 2 and "did you mean 'grpo.eps_high'" in out.stderr
+
+
+def test_cli_help_lists_the_algorithms_and_presets():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0
+    assert "algorithms: " + ", ".join(ALGORITHMS) in out.stdout
+    for path in glob.glob(os.path.join(ROOT, "configs", "*.yaml")):
+        assert os.path.basename(path)[:-5] in out.stdout, path
+
+
+def test_the_end_of_a_run_prints_a_summary_and_draws_the_plot(tmp_path, capsys):
+    cfg = config("grpo", tmp_path / "run")
+    writer = MetricsWriter(cfg.run_dir)
+    for step in range(3):
+        writer.write(step, {"loss": 1.0 / (step + 1), "reward/mean": 0.1 * step, "kl": 0.01, "grad_norm": 2.0})
+    writer.close()
+    finish(cfg, None, {"loss": 0.33, "reward/mean": 0.2, "kl": 0.01, "grad_norm": 2.0, "eval/accuracy": 0.5,
+                       "before/eval/accuracy": 0.125}, quiet=False)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[0] == f"grpo run in {cfg.run_dir}" and len(printed) <= 25
+    assert any(line.split()[:2] == ["eval/accuracy", "0.5"] and "(before: 0.125)" in line for line in printed)
+    assert any(line.split()[0] == "reward/mean" for line in printed)
+    assert not any("grad_norm" in line for line in printed)  # the screen shows the main numbers only
+    with open(os.path.join(cfg.run_dir, "summary.json")) as file:
+        assert json.load(file)["eval/accuracy"] == 0.5
+    assert os.path.getsize(os.path.join(cfg.run_dir, "metrics.png")) > 1000
 
 
 def test_sft_run_leaves_its_files_and_resumes_exactly(tmp_path):
@@ -66,10 +95,12 @@ def test_grpo_run_with_warm_start_and_dynamic_sampling(tmp_path):
     ), quiet=True)
     assert os.path.exists(os.path.join(result.run_dir, "sft_warmup", "metrics.jsonl"))
     last = rows(result.run_dir)[-1]
-    for name in ("reward/mean", "reward/arithmetic_exact", "clipfrac/high", "entropy", "response_length/mean",
-                 "truncated_fraction", "time/generation", "time/train", "grad_norm", "eval/accuracy",
+    for name in ("loss", "pg_loss", "reward/mean", "reward/std", "reward/arithmetic_exact", "clipfrac", "clipfrac/high",
+                 "approx_kl", "entropy", "response_length/mean", "response_length/max", "truncated_fraction",
+                 "time/generation", "time/train", "grad_norm", "lr", "tokens_per_s", "eval/accuracy",
                  "dynamic_sampling/tries"):
         assert name in last, name
+    assert 1 <= last["dynamic_sampling/tries"] <= 2
 
 
 def test_rlhf_pipeline_sft_rm_ppo_and_dpo(tmp_path):
@@ -85,7 +116,10 @@ def test_rlhf_pipeline_sft_rm_ppo_and_dpo(tmp_path):
         "ppo.epochs=1", *short,
     ), quiet=True)
     last = rows(ppo.run_dir)[-1]
-    for name in ("score/mean", "kl", "explained_variance", "value_clipfrac", "eval/preference_score"):
+    for name in ("pg_loss", "vf_loss", "score/mean", "score/std", "reward/mean", "kl", "entropy", "clipfrac",
+                 "approx_kl", "explained_variance", "value_clipfrac", "response_length/mean", "response_length/max",
+                 "truncated_fraction", "grad_norm/actor", "grad_norm/critic", "lr", "tokens_per_s", "time/generation",
+                 "time/train", "eval/preference_score"):
         assert name in last, name
     dpo = train(config("dpo", tmp_path / "dpo", f"model.source={sft_hf}", *short), quiet=True)
     assert rows(dpo.run_dir)[0]["loss"] == pytest.approx(np.log(2.0), rel=1e-5)
@@ -142,3 +176,42 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         run_phase(cfg, dataclasses.replace(phase, step=poisoned), policy, quiet=True)
     manager = checkpoint.checkpoint_manager(os.path.join(cfg.run_dir, "checkpoints"))
     assert manager.all_steps() == [1]
+
+
+def test_ctrl_c_saves_the_last_finished_step_and_resume_matches_the_uninterrupted_run(tmp_path, capsys):
+    """Ctrl-C while step 4's batch is being built: step 3 is saved, the interrupt propagates, and
+    resuming ends where six straight steps end (same seed, same metrics)."""
+    common = ["data.batch_size=8", "train.eval_every=0", "train.checkpoint_every=0", "data.max_completion_len=16",
+              "data.max_prompt_len=48", "optim.lr=3e-3"]
+    start = load_policy(config("sft", tmp_path / "whole", *common))
+    examples = prepare_examples(config("sft", tmp_path / "whole", *common), start.tokenizer)
+    runs, evaluate = {}, None
+    for name, overrides in (("whole", []), ("cut", []), ("resumed", ["train.resume=true"])):
+        cfg = config("sft", tmp_path / ("whole" if name == "whole" else "cut"), "train.total_steps=6", *common, *overrides)
+        policy = dataclasses.replace(start, params=jax.tree.map(jnp.copy, start.params))  # the step donates its state
+        phase = sft_phase(cfg, policy, *examples)
+        evaluate = evaluate or phase.evaluate  # its jitted loss compiles once
+        phase = dataclasses.replace(phase, evaluate=evaluate)
+        if name != "cut":
+            runs[name] = run_phase(cfg, phase, policy, quiet=True)
+            continue
+        make_batch = phase.make_batch
+
+        def interrupted_at_4(state, step):
+            if step == 4:
+                raise KeyboardInterrupt
+            return make_batch(state, step)
+
+        with pytest.raises(KeyboardInterrupt):
+            run_phase(cfg, dataclasses.replace(phase, make_batch=interrupted_at_4), policy, quiet=True)
+        assert "interrupted: step 3 is saved" in capsys.readouterr().out
+        manager = checkpoint.checkpoint_manager(os.path.join(cfg.run_dir, "checkpoints"))
+        assert manager.all_steps() == [3]
+        assert [r["step"] for r in rows(cfg.run_dir)] == [0, 1, 2, 3]
+
+    for a, b in zip(jax.tree.leaves(runs["whole"].policy.params), jax.tree.leaves(runs["resumed"].policy.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    straight, resumed = rows(runs["whole"].run_dir), rows(runs["resumed"].run_dir)
+    assert [r["step"] for r in resumed] == list(range(6))
+    for name in ("loss", "grad_norm", "lr", "tokens"):
+        assert [r[name] for r in resumed] == [r[name] for r in straight], name
