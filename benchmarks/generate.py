@@ -12,7 +12,10 @@ emit exactly N tokens per row (no stop token on either side); each call is timed
 (prefill + decode). First both decode greedily and their tokens are compared; no speed is
 reported when they disagree (fp32). JAX's compile time is reported apart; each side's time is
 the median of --repeats calls after a warm-up call, the two sides alternating so that other load
-on the machine hits both alike.
+on the machine hits both alike. With --gpu it also prints the fraction of the card's memory
+bandwidth the decode reaches: the bytes a decode step must read (weights, and the KV cache filled
+so far, on average half of the new tokens plus the prompt) times N steps, over the time of the
+whole call (prefill included, so this understates the decode loop's own fraction).
 """
 
 from __future__ import annotations
@@ -25,12 +28,16 @@ import time
 import numpy as np
 
 from benchmarks.common import (
+    Result,
     cpu_peak_during,
     format_bytes,
+    gpu_peaks,
     jax_device_peak_bytes,
     print_table,
     smollm2_gguf,
     time_interleaved,
+    tiny_random_pair,
+    write_result,
 )
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -43,11 +50,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--check-tokens", type=int, default=16, help="greedy tokens compared first")
     parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--json", help="also write the summary row here (for python -m benchmarks)")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny random model on CPU
     args = parser.parse_args(argv)
-    args.batch = args.batch or (256 if args.gpu else 8)
-    args.prompt_len = args.prompt_len or (128 if args.gpu else 32)
-    args.new_tokens = args.new_tokens or (256 if args.gpu else 64)
+    args.batch = args.batch or (2 if args.smoke else 256 if args.gpu else 8)
+    args.prompt_len = args.prompt_len or (8 if args.smoke else 128 if args.gpu else 32)
+    args.new_tokens = args.new_tokens or (8 if args.smoke else 256 if args.gpu else 64)
+    args.check_tokens = min(args.check_tokens, args.new_tokens)
     args.dtype = args.dtype or ("bfloat16" if args.gpu else "float32")
+    args.device = "cuda" if args.gpu and not args.smoke else "cpu"
     return args
 
 
@@ -61,6 +72,9 @@ def load_models(args):
     from jaxrl_llm.models.transformer import ModelConfig, init_params
 
     dtype = getattr(torch, args.dtype)
+    if args.smoke:
+        config, params, hf = tiny_random_pair(args.dtype)
+        return config, params, hf.to(dtype).eval()
     gguf = None if args.random_weights else smollm2_gguf()
     if gguf is not None:
         ours = load_model(gguf, dtype=args.dtype)
@@ -77,9 +91,8 @@ def load_models(args):
         with tempfile.TemporaryDirectory() as folder:
             export_hf(params, folder, config=config)
             hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    device = "cuda" if args.gpu else "cpu"
-    print(f"weights: {gguf or 'random, SmolLM2-135M architecture'}; {args.dtype}; torch on {device}")
-    return config, params, hf.to(device).eval()
+    print(f"weights: {gguf or 'random, SmolLM2-135M architecture'}; {args.dtype}; torch on {args.device}")
+    return config, params, hf.to(args.device).eval()
 
 
 def hf_generate(hf, tokens_BxP: np.ndarray, new_tokens: int, sample: bool) -> np.ndarray:
@@ -138,13 +151,33 @@ def rss(before: int, peak: int) -> str:
     return f"RSS {format_bytes(peak)} (+{format_bytes(max(peak - before, 0))} in the call)"
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def bandwidth_note(config, params, args, seconds: float) -> tuple[str, ...]:
+    """The fraction of the card's memory bandwidth our decode reaches (GPU mode only)."""
+    import jax
+
+    if not args.gpu:
+        return ()
+    kind = jax.devices()[0].device_kind
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    cache_slots = args.batch * (args.prompt_len + args.new_tokens / 2)
+    cache_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * cache_slots * 2  # k and v, bf16
+    moved = (weight_bytes + cache_bytes) * args.new_tokens
+    peaks = gpu_peaks(kind)
+    if peaks is None:
+        return (f"memory-bandwidth roofline n/a: no bandwidth known for {kind!r} ({moved / seconds / 1e9:.0f} GB/s)",)
+    return (f"decode at {moved / seconds / peaks[1]:.0%} of {kind}'s {peaks[1] / 1e12:.2f} TB/s "
+            "memory-bandwidth roofline (whole call, prefill included)",)
+
+
+def measure(args: argparse.Namespace) -> Result:
+    """Check greedy tokens agree, then time both samplers interleaved; prints details, returns the row."""
     import jax
     import torch
 
     from jaxrl_llm.sampling import SamplingConfig
 
+    if args.device == "cuda" and jax.default_backend() != "gpu":
+        sys.exit(f"--gpu: JAX sees no GPU (backend {jax.default_backend()!r}).")
     B, P, N = args.batch, args.prompt_len, args.new_tokens
     print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}), torch {torch.__version__} "
           f"({torch.get_num_threads()} CPU threads); B={B} P={P} N={N}, sampling at temperature 1")
@@ -164,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     }, args.repeats)
     rate = {name: B * N / t.median_s for name, t in timings.items()}
     device_peak = jax_device_peak_bytes()
-    torch_peak = torch.cuda.max_memory_allocated() if args.gpu else None
+    torch_peak = torch.cuda.max_memory_allocated() if args.device == "cuda" else None
     print_table(
         ["", "new tokens/s", "median s", "first call s", "compile s", "peak memory"],
         [
@@ -180,6 +213,23 @@ def main(argv: list[str] | None = None) -> None:
           f"temporaries {format_bytes(plan.temp_size_in_bytes)} (KV cache, per-layer weights, activations)")
     print(f"ratio jaxrl_llm / transformers: {rate['jaxrl_llm'] / rate['transformers']:.2f}x "
           f"(median of {args.repeats}, interleaved)")
+    notes = bandwidth_note(config, params, args, timings["jaxrl_llm"].median_s)
+    for note in notes:
+        print(note)
+    precision = "bf16" if args.dtype == "bfloat16" else "fp32"
+    return Result(
+        row=f"generate, batch {B}, prompt {P}, {N} new tokens, sampling, {precision}",
+        baseline="transformers generate", ours_s=timings["jaxrl_llm"].median_s,
+        baseline_s=timings["transformers"].median_s, work=B * N, unit="new tok/s", compile_s=compile_s,
+        ours_memory=f"device {format_bytes(device_peak)}" if device_peak else rss(ours_before, ours_peak),
+        baseline_memory=f"device {format_bytes(torch_peak)}" if torch_peak else rss(hf_before, hf_peak),
+        repeats=args.repeats, notes=notes,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    write_result(measure(args), args.json)
 
 
 if __name__ == "__main__":
