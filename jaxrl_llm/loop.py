@@ -526,13 +526,13 @@ def finish(config: Config, policy: Policy, last: dict, quiet: bool) -> None:
     """Export to RUN_DIR/hf if asked, draw RUN_DIR/metrics.png, write and print the summary."""
     if config.train.export_hf:
         export_hf(policy.params, os.path.join(config.run_dir, "hf"), policy.config, policy.tokenizer)
-    try:
-        metrics_lib.plot_runs([config.run_dir], os.path.join(config.run_dir, "metrics.png"))
-    except ValueError:
-        pass  # nothing plottable was logged (e.g. zero steps run)
     summary = {k: float(v) for k, v in last.items()}
     with open(os.path.join(config.run_dir, "summary.json"), "w", encoding="utf-8") as file:
         json.dump(summary, file, indent=2)
+    try:  # after summary.json, whose before-training evaluation starts the eval curves
+        metrics_lib.plot_runs([config.run_dir], os.path.join(config.run_dir, "metrics.png"))
+    except ValueError:
+        pass  # nothing plottable was logged (e.g. zero steps run)
     if not quiet:
         print(f"\n{config.algorithm} run in {config.run_dir}")
         for name in sorted(summary):
