@@ -35,12 +35,13 @@ def main(argv=None) -> int:
     from jaxrl_llm.loop import TrainingError, train
     from jaxrl_llm.models.hf import ModelLoadError
     from jaxrl_llm.rewards import RewardError
+    from jaxrl_llm.sharding import ShardingError
     from jaxrl_llm.tokenizer import TokenizerError
 
     try:
         train(load_config(args.config, args.overrides))
-    except (ConfigError, DataError, FileNotFoundError, ModelLoadError, RewardError, TokenizerError,
-            TrainingError) as error:
+    except (ConfigError, DataError, FileNotFoundError, ModelLoadError, RewardError, ShardingError,
+            TokenizerError, TrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_llm import checkpoint, data, metrics as metrics_lib, rewards as rewards_lib, tokenizer as tok
+from jaxrl_llm import checkpoint, data, metrics as metrics_lib, rewards as rewards_lib, sharding, tokenizer as tok
 from jaxrl_llm.algorithms.common import (
     learning_rate_schedule,
     make_optimizer,
@@ -40,7 +40,7 @@ from jaxrl_llm.algorithms.sft import make_sft_step
 from jaxrl_llm.config import REWARD_MODEL, Config, config_to_dict, save_config, validate
 from jaxrl_llm.core import sft_loss
 from jaxrl_llm.models.hf import export_hf, init_scalar_params_from_lm, load_model, load_scalar_model
-from jaxrl_llm.models.transformer import ModelConfig, init_params
+from jaxrl_llm.models.transformer import ModelConfig
 from jaxrl_llm.sampling import SamplingConfig, generate
 from jaxrl_llm.state import TrainState
 
@@ -70,6 +70,7 @@ class Phase:
     make_batch: Callable[[Any, int], tuple[dict, dict]]
     policy_params: Callable[[Any], Any]
     evaluate: Callable[[Any], dict] | None = None
+    model_configs: tuple = ()  # every architecture in the state (PPO: critic, reward model), for placement
 
 
 @dataclasses.dataclass
@@ -84,9 +85,16 @@ class RunResult:
 # ---------------------------------------------------------------- models and tokens
 
 
+def run_mesh(config: Config):
+    """The run's device mesh (`mesh` section; -1 = the remaining devices)."""
+    return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+
+
 def load_policy(config: Config, source: str | None = None) -> Policy:
-    """The starting model: the built-in tiny decoder with a character tokenizer, or a loaded one."""
+    """The starting model, its params sharded on the run's mesh: the built-in tiny decoder with a
+    character tokenizer, or a loaded one."""
     source = source or config.model.source
+    mesh = run_mesh(config)
     model = config.model
     if source == "tiny":
         tokenizer = tok.char_tokenizer()
@@ -98,8 +106,9 @@ def load_policy(config: Config, source: str | None = None) -> Policy:
             max_position_embeddings=tiny.max_position_embeddings, tie_word_embeddings=True,
             dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
         )
-        return Policy(model_config, init_params(model_config, stream_key(config.seed, INIT_STREAM)), tokenizer)
-    loaded = load_model(source, dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat)
+        params = sharding.init_sharded(model_config, stream_key(config.seed, INIT_STREAM), mesh)
+        return Policy(model_config, params, tokenizer)
+    loaded = load_model(source, dtype=model.dtype, param_dtype=model.param_dtype, mesh=mesh, remat=model.remat)
     if loaded.tokenizer is None:
         raise TrainingError(f"{source} has no tokenizer; training needs one to encode prompts.")
     return Policy(loaded.config, loaded.params, loaded.tokenizer)
@@ -247,8 +256,11 @@ class Rollouts:
     def sample(self, params, prompts: list[dict], key, sampling: SamplingConfig | None = None):
         """Completions, rewards [R] and per-function rewards of `prompts` (rows i·G + j)."""
         sampling = sampling or self.sampling
-        out = generate(params, [e["prompt_ids"] for e in prompts], key, sampling, self.policy.config)
-        texts = tok.decode(self.policy.tokenizer, out.tokens_RxN, out.mask_RxN)
+        out = generate(
+            params, [e["prompt_ids"] for e in prompts], key, sampling, self.policy.config, run_mesh(self.config)
+        )
+        host = sharding.to_host(out)
+        texts = tok.decode(self.policy.tokenizer, host.tokens_RxN, host.mask_RxN)
         if self.reward_fn is None:  # the step scores the rollout itself (PPO's reward model)
             return out, None, {}, texts
         rows = [e for e in prompts for _ in range(sampling.n)]
@@ -271,7 +283,7 @@ class Rollouts:
             out, total_R, tries = self._dynamic(params, prompts, out, total_R, step)
             host["dynamic_sampling/tries"] = tries
         host["time/generation"] = time.perf_counter() - start
-        host["tokens/generated"] = float(np.asarray(out.lengths_R).sum())
+        host["tokens/generated"] = float(sharding.to_host(out.lengths_R).sum())
         return dict(rollout_batch(out, total_R)), host
 
     def _dynamic(self, params, prompts, out, total_R, step):
@@ -305,11 +317,14 @@ class Rollouts:
         """Greedy answers to the held-out prompts: mean reward, exact-answer accuracy, length."""
         return self.evaluate_answers(params, eval_set)[0]
 
-    def evaluate_answers(self, params, eval_set: list[dict]) -> tuple[dict, list[str]]:
-        """`evaluate`'s metrics and the greedy answers themselves."""
-        greedy = dataclasses.replace(self.sampling, temperature=0.0, n=1)
-        out, total_R, parts, texts = self.sample(params, eval_set, jax.random.key(0), greedy)
-        result = {"eval/reward": float(np.mean(total_R)), "eval/response_length": float(np.mean(out.lengths_R))}
+    def evaluate_answers(
+        self, params, eval_set: list[dict], temperature: float = 0.0, n: int = 1
+    ) -> tuple[dict, list[str]]:
+        """`evaluate`'s metrics and the answers themselves; greedy unless `temperature` > 0 (then `n`
+        samples per prompt, rows i·n + j, from a fixed key)."""
+        sampling = dataclasses.replace(self.sampling, temperature=temperature, n=n if temperature > 0 else 1)
+        out, total_R, parts, texts = self.sample(params, eval_set, jax.random.key(0), sampling)
+        result = {"eval/reward": float(np.mean(total_R)), "eval/response_length": float(np.mean(sharding.to_host(out.lengths_R)))}
         result.update({f"eval/{name}": float(np.mean(v)) for name, v in parts.items()})
         if "arithmetic_exact" in parts:
             result["eval/accuracy"] = float(np.mean(parts["arithmetic_exact"] > 0))
@@ -319,7 +334,8 @@ class Rollouts:
 def reward_model_function(config: Config, policy: Policy):
     """(reward model, reward function scoring prompt + completion with it at the last token)."""
     reward_model = load_scalar_model(
-        config.model.reward_model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+        config.model.reward_model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+        mesh=run_mesh(config),
     )
     score = jax.jit(lambda params, tokens, mask: scalar_scores(params, reward_model.config, tokens, mask)[1])
 
@@ -364,7 +380,8 @@ def ppo_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
     reward_model, rm_reward = reward_model_function(config, policy)
     if config.model.critic_path:
         critic = load_scalar_model(
-            config.model.critic_path, key, dtype=config.model.dtype, param_dtype=config.model.param_dtype
+            config.model.critic_path, key, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
+            mesh=run_mesh(config),
         )
         critic_config, critic_params = critic.config, critic.params
     else:
@@ -385,6 +402,7 @@ def ppo_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
     return Phase(
         state, step, lambda st, s: rollouts.batch(st.actor.params, s), lambda st: st.actor.params,
         lambda st: evaluator.evaluate(st.actor.params, eval_set),
+        (policy.config, critic_config, reward_model.config),
     )
 
 
@@ -416,7 +434,7 @@ def _finite_or_raise(step: int, row: dict) -> None:
 def _tokens(batch: dict) -> float:
     """Real tokens a step processed (prompt + completion; both answers of a pair)."""
     masks = [value for name, value in batch.items() if name.endswith("mask") and "completion" not in name]
-    return float(sum(np.asarray(mask).sum() for mask in masks))
+    return float(sum(jnp.sum(mask) for mask in masks))  # a device sum: masks may span hosts
 
 
 def _progress(total: int, start: int):
@@ -427,13 +445,19 @@ def _progress(total: int, start: int):
 
 def train(config: Config, policy: Policy | None = None, quiet: bool = False) -> RunResult:
     """Run `config` to the end (resuming when asked), leaving metrics, checkpoints, plot and export."""
+    m = config.mesh
+    sharding.initialize_distributed(m.coordinator_address, m.num_processes, m.process_id)
+    mesh = run_mesh(config)  # raises if the mesh does not fit the devices
     os.makedirs(config.run_dir, exist_ok=True)
     if policy is None:
         policy = load_policy(config)
-    validate(config, policy.config.max_position_embeddings)
+    # The batch must split over the resolved data × fsdp (a -1 is only known now).
+    resolved = dataclasses.replace(m, data=mesh.shape["data"], fsdp=mesh.shape["fsdp"], tensor=mesh.shape["tensor"])
+    validate(dataclasses.replace(config, mesh=resolved), policy.config.max_position_embeddings)
     if config.algorithm in ("grpo", "ppo") and config.train.sft_warmup_steps > 0:
         policy = sft_warmup(config, policy, quiet)
-    save_config(config, os.path.join(config.run_dir, "config.yaml"))
+    if jax.process_index() == 0:
+        save_config(config, os.path.join(config.run_dir, "config.yaml"))
     train_set, eval_set = prepare_examples(config, policy.tokenizer)
     phase = PHASES[config.algorithm](config, policy, train_set, eval_set)
     return run_phase(config, phase, policy, quiet)
@@ -459,7 +483,9 @@ def run_phase(config: Config, phase: Phase, policy: Policy, quiet: bool = False)
     """The step loop of one phase: resume, step, log, evaluate, checkpoint, and finish."""
     t = config.train
     manager = checkpoint.checkpoint_manager(os.path.join(config.run_dir, "checkpoints"), t.keep_checkpoints)
-    state, start = phase.state, 0
+    mesh = run_mesh(config)
+    shardings = sharding.tree_shardings(phase.state, mesh, phase.model_configs or (policy.config,))
+    state, start = sharding.place(phase.state, shardings), 0
     if t.resume:
         restored = checkpoint.restore_latest(manager, state)
         if restored is not None:
@@ -473,10 +499,11 @@ def run_phase(config: Config, phase: Phase, policy: Policy, quiet: bool = False)
     before = {}
     if phase.evaluate and t.eval_every and start == 0:
         before = {f"before/{k}": v for k, v in phase.evaluate(state).items()}
-    step_fn = jax.jit(phase.step, donate_argnums=0)
+    step_fn = sharding.jit_step(phase.step, mesh, shardings)
     o = config.optim
     lr_at = learning_rate_schedule(o.lr, t.total_steps, o.schedule, o.warmup_steps)
-    writer = metrics_lib.MetricsWriter(config.run_dir, t.tensorboard, start)
+    main = jax.process_index() == 0  # one writer per run, however many processes
+    writer = metrics_lib.MetricsWriter(config.run_dir, t.tensorboard, start) if main else None
     base_key = stream_key(config.seed, STEP_STREAM)
     bar = None if quiet else _progress(t.total_steps, start)
     row, done = {}, start - 1  # `done`: the last step whose update is in `state`
@@ -497,7 +524,8 @@ def run_phase(config: Config, phase: Phase, policy: Policy, quiet: bool = False)
             row = {name: float(np.asarray(value)) for name, value in {**out, **host}.items()}
             _finite_or_raise(step, row)
             if step % t.log_every == 0 or evaluated or step == t.total_steps - 1:
-                writer.write(step, row)
+                if writer is not None:
+                    writer.write(step, row)
             if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
                 checkpoint.save(manager, step, state, meta(step))
             if bar is not None:
@@ -509,7 +537,8 @@ def run_phase(config: Config, phase: Phase, policy: Policy, quiet: bool = False)
         print(f"\ninterrupted: step {done} is saved in {manager.directory}; resume with train.resume=true")
         raise
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         if bar is not None:
             bar.close()
     if done >= start and manager.latest_step() != done:
@@ -523,9 +552,13 @@ def run_phase(config: Config, phase: Phase, policy: Policy, quiet: bool = False)
 
 
 def finish(config: Config, policy: Policy, last: dict, quiet: bool) -> None:
-    """Export to RUN_DIR/hf if asked, draw RUN_DIR/metrics.png, write and print the summary."""
+    """Export to RUN_DIR/hf if asked, draw RUN_DIR/metrics.png, write and print the summary
+    (files are written by process 0 of a multi-host run)."""
+    params = sharding.to_host(policy.params) if config.train.export_hf else None  # every process joins
+    if jax.process_index() != 0:
+        return
     if config.train.export_hf:
-        export_hf(policy.params, os.path.join(config.run_dir, "hf"), policy.config, policy.tokenizer)
+        export_hf(params, os.path.join(config.run_dir, "hf"), policy.config, policy.tokenizer)
     summary = {k: float(v) for k, v in last.items()}
     with open(os.path.join(config.run_dir, "summary.json"), "w", encoding="utf-8") as file:
         json.dump(summary, file, indent=2)

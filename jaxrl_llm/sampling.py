@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_llm import sharding
+from jaxrl_llm.data import left_pad
 from jaxrl_llm.core.logprobs import token_logprobs
 from jaxrl_llm.models.transformer import (
     CACHE_AXES,
@@ -141,10 +142,7 @@ def pad_prompts(prompts, config: SamplingConfig, model_config: ModelConfig):
         if not len(prompts):
             raise ValueError("generate: prompts is empty; pass at least one list of token ids.")
         P = bucket_length(int(lengths_B.max(initial=1)), config)
-        tokens_BxP = np.full((len(prompts), P), config.pad_token_id, np.int32)
-        for row, prompt in zip(tokens_BxP, prompts):
-            row[P - len(prompt):] = prompt
-        mask_BxP = (np.arange(P) >= (P - lengths_B)[:, None]).astype(np.int32)
+        tokens_BxP, mask_BxP = left_pad(prompts, P, config.pad_token_id)
         if tokens_BxP.size and not 0 <= tokens_BxP.min() <= tokens_BxP.max() < model_config.vocab_size:
             raise ValueError(
                 f"generate: prompt token ids must lie in [0, {model_config.vocab_size}) "

@@ -144,25 +144,32 @@ def _match(names: tuple[str, ...], rank: int, table: dict) -> tuple | None:
     return None
 
 
-def tree_shardings(tree: Any, mesh: Mesh, model_configs) -> Any:
-    """NamedShardings for a params or train-state pytree: every leaf that is (or mirrors, like
-    Adam's moments) a model param gets that param's layout; everything else is replicated."""
+def tree_specs(tree: Any, mesh, model_configs) -> Any:
+    """PartitionSpecs for a params or train-state pytree on `mesh` (a Mesh or AbstractMesh): every
+    leaf that is (or mirrors, like Adam's moments) a model param gets that param's layout;
+    everything else is replicated."""
     table = _axes_table(model_configs)
 
-    def place(path, leaf):
+    def spec(path, leaf):
         shape = np.shape(leaf)
         axes = _match(_path_names(path), len(shape), table)
         if axes is None:
-            return NamedSharding(mesh, PartitionSpec())
-        return NamedSharding(mesh, logical_spec(axes, shape, mesh, "param " + "/".join(_path_names(path))))
+            return PartitionSpec()
+        return logical_spec(axes, shape, mesh, "param " + "/".join(_path_names(path)))
 
-    return jax.tree_util.tree_map_with_path(place, tree)
+    return jax.tree_util.tree_map_with_path(spec, tree)
 
 
-def param_specs(config: ModelConfig, mesh: Mesh, scalar_head: bool = False) -> dict:
+def tree_shardings(tree: Any, mesh: Mesh, model_configs) -> Any:
+    """NamedShardings laid out by `tree_specs`."""
+    specs = tree_specs(tree, mesh, model_configs)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def param_specs(config: ModelConfig, mesh, scalar_head: bool = False) -> dict:
     """PartitionSpec of every param of `config` on `mesh` (the golden table's content)."""
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0), scalar_head))
-    return jax.tree.map(lambda s: s.spec, tree_shardings(abstract, mesh, [config]))
+    return tree_specs(abstract, mesh, [config])
 
 
 def param_placer(config: ModelConfig, mesh: Mesh, scalar_head: bool = False) -> Callable:
@@ -178,9 +185,15 @@ def param_placer(config: ModelConfig, mesh: Mesh, scalar_head: bool = False) -> 
 
 def init_sharded(config: ModelConfig, key: jax.Array, mesh: Mesh, scalar_head: bool = False) -> dict:
     """Random params computed directly in their sharded layout (never whole on one device)."""
-    abstract = jax.eval_shape(lambda: init_params(config, key, scalar_head))
+    return _sharded_init(config, mesh, scalar_head)(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_init(config: ModelConfig, mesh: Mesh, scalar_head: bool) -> Callable:
+    """The jitted initialiser of one (config, mesh), compiled once per process."""
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0), scalar_head))
     shardings = tree_shardings(abstract, mesh, [config])
-    return jax.jit(lambda k: init_params(config, k, scalar_head), out_shardings=shardings)(key)
+    return jax.jit(lambda key: init_params(config, key, scalar_head), out_shardings=shardings)
 
 
 def batch_sharding(leaf, mesh: Mesh) -> NamedSharding:
@@ -203,11 +216,9 @@ def put(host_array, sharding: NamedSharding) -> jax.Array:
 
 def place(tree: Any, shardings: Any) -> Any:
     """`tree` laid out as `shardings` (a matching pytree): arrays already on device are resharded
-    by JAX, host arrays are uploaded shard by shard."""
+    by JAX (across processes too), host arrays are uploaded shard by shard."""
     def one(leaf, sharding):
-        if isinstance(leaf, jax.Array) and jax.process_count() == 1:
-            return jax.device_put(leaf, sharding)
-        return put(jax.device_get(leaf) if isinstance(leaf, jax.Array) else leaf, sharding)
+        return jax.device_put(leaf, sharding) if isinstance(leaf, jax.Array) else put(leaf, sharding)
 
     return jax.tree.map(one, tree, shardings)
 

@@ -20,6 +20,8 @@ import gguf
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
+from jaxrl_llm.data import left_pad
+
 try:
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
         GGUF_TOKENIZER_MAPPING,
@@ -118,13 +120,8 @@ def encode_prompts(
                 "raise max_len or shorten the prompt."
             )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    tokens_BxP = np.full((len(prompts), max_len), pad_id, np.int32)
-    mask_BxP = np.zeros((len(prompts), max_len), np.int32)
-    for row, ids in enumerate(ids_per_prompt):
-        if ids:
-            tokens_BxP[row, -len(ids):] = ids
-            mask_BxP[row, -len(ids):] = 1
-    return tokens_BxP, mask_BxP
+    tokens_BxP, mask_BxP = left_pad(ids_per_prompt, max_len, pad_id)
+    return tokens_BxP, mask_BxP.astype(np.int32)
 
 
 def decode(

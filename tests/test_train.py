@@ -51,7 +51,7 @@ def test_cli_help_lists_the_algorithms_and_presets():
 
 
 def test_the_end_of_a_run_prints_a_summary_and_draws_the_plot(tmp_path, capsys):
-    cfg = config("grpo", tmp_path / "run")
+    cfg = config("grpo", tmp_path / "run", "train.export_hf=false")  # no policy to export here
     writer = MetricsWriter(cfg.run_dir)
     for step in range(3):
         writer.write(step, {"loss": 1.0 / (step + 1), "reward/mean": 0.1 * step, "kl": 0.01, "grad_norm": 2.0})

@@ -1,0 +1,144 @@
+"""Run SFT, DPO, GRPO and PPO steps and generation on one device and on meshes of 8 CPU devices;
+print one JSON line per (case, mesh) with the largest differences (`steps EXPORT_DIR`), or run a
+shortened default training run on a 2×2×2 mesh (`loop RUN_DIR`). Run by test_sharding.py in a
+subprocess, because the device count must be set before JAX starts."""
+
+import json
+import os
+import sys
+
+if __name__ == "__main__":  # before JAX starts; importing `run_loop` elsewhere leaves devices alone
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxrl_llm import sharding  # noqa: E402
+from jaxrl_llm.algorithms import common  # noqa: E402
+from jaxrl_llm.algorithms.dpo import DPOState, make_dpo_step  # noqa: E402
+from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step  # noqa: E402
+from jaxrl_llm.algorithms.ppo import PPOState, make_ppo_step  # noqa: E402
+from jaxrl_llm.algorithms.sft import make_sft_step  # noqa: E402
+from jaxrl_llm.config import GRPOSection, PPOSection  # noqa: E402
+from jaxrl_llm.models.transformer import init_params  # noqa: E402
+from jaxrl_llm.sampling import SamplingConfig, generate  # noqa: E402
+from jaxrl_llm.state import TrainState  # noqa: E402
+from test_algorithms_offline import pair_batch, sequence_batch  # noqa: E402
+from test_grpo import CONFIG, rollout  # noqa: E402
+
+MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
+# A shortened default run (SFT warm start, then GRPO) that test_sharding.py repeats on one device.
+LOOP_OVERRIDES = [
+    "data.batch_size=16", "grpo.group_size=4", "data.max_completion_len=6", "data.eval_size=8",
+    "data.synthetic.num_examples=200", "train.total_steps=2", "train.sft_warmup_steps=2",
+    "train.eval_every=0", "train.checkpoint_every=1", "train.export_hf=false",
+]
+
+
+def optimizer():
+    return common.make_optimizer(1e-2, 100, grad_clip=1.0)
+
+
+def cases():
+    """name -> (state, step, batches): 16-row batches, so every mesh splits them evenly."""
+    params = init_params(CONFIG, jax.random.key(0))
+    ref = jax.tree.map(lambda p: p * 0.9, params)
+    critic = init_params(CONFIG, jax.random.key(1), scalar_head=True)
+    reward = init_params(CONFIG, jax.random.key(2), scalar_head=True)
+    grpo = GRPOSection(group_size=4, num_iterations=2, num_minibatches=2)
+    ppo = PPOSection(epochs=2, num_minibatches=2)
+    tokens = lambda b: {**b, "tokens": b["tokens"] % CONFIG.vocab_size}
+    return {
+        "sft": (TrainState.create(params, optimizer()), make_sft_step(CONFIG, num_microbatches=2),
+                [tokens(sequence_batch(s, B=16)) for s in range(2)]),
+        "dpo": (DPOState(TrainState.create(params, optimizer()), ref), make_dpo_step(CONFIG, 0.1, "sigmoid", 0.0, 2),
+                [jax.tree.map(lambda x: x % CONFIG.vocab_size if x.dtype == np.int32 else x, pair_batch(s, B=16))
+                 for s in range(2)]),
+        "grpo": (GRPOState(TrainState.create(params, optimizer()), ref), make_grpo_step(CONFIG, grpo, 1.0, 2, 6),
+                 [rollout(s, prompts=4) for s in range(2)]),
+        "ppo": (PPOState.create(TrainState.create(params, optimizer()), TrainState.create(critic, optimizer()),
+                                ref, reward, 0.05), make_ppo_step(CONFIG, ppo), [rollout(s, prompts=4) for s in range(2)]),
+    }
+
+
+def run_steps(state, step, batches, mesh):
+    """(params-like leaves of the final state, metrics of every step) on `mesh`."""
+    shardings = sharding.tree_shardings(state, mesh, [CONFIG])
+    state = sharding.place(state, shardings)  # host arrays in: a fresh copy per run (steps donate)
+    jitted = sharding.jit_step(step, mesh, shardings)
+    metrics = []
+    for i, batch in enumerate(batches):
+        state, out = jitted(state, batch, jax.random.key(i))
+        metrics.append(jax.device_get(out))
+    placed = all(leaf.sharding == s for leaf, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)))
+    return jax.device_get(state), metrics, placed
+
+
+def max_diff(a, b):
+    return max((float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)), initial=0.0))
+                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), default=0.0)
+
+
+def main(export_dir):
+    one = sharding.single_device_mesh()
+    for name, (state, step, batches) in cases().items():
+        state = jax.device_get(state)
+        want_state, want_metrics, _ = run_steps(state, step, batches, one)
+        for shape in MESHES:
+            got_state, got_metrics, placed = run_steps(state, step, batches, sharding.make_mesh(*shape))
+            print(json.dumps({
+                "case": name, "mesh": shape, "state": max_diff(want_state, got_state),
+                "metrics": max_diff(want_metrics, got_metrics), "placed": placed,
+                "metric_names": sorted(want_metrics[0]),
+            }), flush=True)
+
+    check_init_and_load(sharding.make_mesh(2, 2, 2), export_dir)
+    params = init_params(CONFIG, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(1, CONFIG.vocab_size, rng.integers(2, 9))) for _ in range(4)]
+    config = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=8, n=4, stop_token_ids=(3,))
+    want = generate(params, prompts, jax.random.key(7), config, CONFIG)
+    for shape in MESHES:
+        mesh = sharding.make_mesh(*shape)
+        placed = sharding.place(params, sharding.tree_shardings(params, mesh, [CONFIG]))
+        got = generate(placed, prompts, jax.random.key(7), config, CONFIG, mesh=mesh)
+        print(json.dumps({
+            "case": "generate", "mesh": shape, "tokens_equal": bool(np.array_equal(want.tokens_RxN, got.tokens_RxN)),
+            "logp": max_diff(want.logp_RxN, got.logp_RxN),
+            "lengths_equal": bool(np.array_equal(want.lengths_R, got.lengths_R)),
+        }), flush=True)
+
+
+def check_init_and_load(mesh, folder):
+    """Params initialised or loaded straight into their layout equal the unsharded ones."""
+    from jaxrl_llm.models.hf import export_hf, load_model
+
+    params = init_params(CONFIG, jax.random.key(0))
+    sharded = sharding.init_sharded(CONFIG, jax.random.key(0), mesh)
+    export_hf(params, folder, CONFIG)
+    loaded = load_model(folder, mesh=mesh).params
+    want = jax.tree.leaves(sharding.tree_shardings(params, mesh, [CONFIG]))
+    laid_out = lambda tree: all(leaf.sharding == s for leaf, s in zip(jax.tree.leaves(tree), want))
+    print(json.dumps({
+        "case": "init_load", "init": max_diff(params, sharded), "load": max_diff(params, loaded),
+        "init_placed": laid_out(sharded), "load_placed": laid_out(loaded),
+    }), flush=True)
+
+
+def run_loop(run_dir, mesh_overrides):
+    """The last metrics row of a shortened default run on the given mesh."""
+    from jaxrl_llm.config import load_config
+    from jaxrl_llm.loop import train
+
+    config = load_config(None, LOOP_OVERRIDES + [f"run_dir={run_dir}"] + mesh_overrides)
+    return train(config, quiet=True).metrics
+
+
+if __name__ == "__main__":
+    mode, folder = sys.argv[1:3]  # "steps" HF_EXPORT_DIR, or "loop" RUN_DIR
+    if mode == "loop":
+        row = run_loop(folder, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+        print(json.dumps({"case": "loop", "metrics": row}), flush=True)
+    else:
+        main(folder)
