@@ -41,6 +41,9 @@ def test_eval_of_a_run_folder_equals_its_hf_export_and_reports_samples(sft_run, 
     for name in ("eval/accuracy", "eval/reward", "eval/response_length"):
         assert from_checkpoint[name] == pytest.approx(from_hf[name]), name
     assert 1 <= from_checkpoint["eval/response_length"] <= 8
+    sampled = report(capsys, sft_run.run_dir, "--temperature", "1.0", "--n", "2", "--samples", "2")
+    assert sampled["decoding"] == "sampled, T=1.0, 2 per prompt" and len(sampled["samples"]) == 2
+    assert [s["prompt"] for s in sampled["samples"]] == [s["prompt"] for s in from_checkpoint["samples"]]
 
 
 def test_eval_text_report_and_errors(sft_run, capsys, tmp_path):
