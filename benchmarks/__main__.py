@@ -150,7 +150,8 @@ def load_text(loads: list[float]) -> str:
     text = f"1-minute load average {min(loads):.1f}–{max(loads):.1f} on {cores} cores during the run"
     if max(loads) > cores:
         text += (": other jobs were sharing the cores, so absolute speeds are lower than on an idle "
-                 "machine; the ratios come from alternating calls, which share that slowdown")
+                 "machine, and the ratios may differ from an idle machine's too: alternating the calls "
+                 "spreads the load over both sides, but an oversubscribed machine need not slow both alike")
     return text
 
 

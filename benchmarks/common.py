@@ -9,7 +9,9 @@ torch.cuda's peak counters.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import gc
 import importlib.util
 import json
 import resource
@@ -115,6 +117,15 @@ def _proc_status_bytes(field: str) -> int:
 def rss_bytes() -> int:
     """Resident memory now (Linux), else the process peak."""
     return _proc_status_bytes("VmRSS:") if _PROC_STATUS.exists() else peak_rss_bytes()
+
+
+def settle_rss() -> int:
+    """Resident memory after a garbage collection and handing freed heap back to the OS (glibc),
+    so that memory one side freed is not later counted as the other side shrinking."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return rss_bytes()
 
 
 def reset_peak_rss() -> None:

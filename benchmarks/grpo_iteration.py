@@ -44,7 +44,7 @@ from benchmarks.common import (
     peak_rss_bytes,
     print_table,
     reset_peak_rss,
-    rss_bytes,
+    settle_rss,
     smollm2_gguf,
     write_result,
 )
@@ -216,14 +216,14 @@ def interleaved_callback(ours: Ours, args: argparse.Namespace):
             self.memory = {"ours": [], "trl": []}  # (RSS before, peak during)
 
         def on_step_begin(self, train_args, state, control, **kwargs):
-            self.before = rss_bytes()
+            self.before = settle_rss()
             reset_peak_rss()
             self.start = time.perf_counter()
 
         def on_step_end(self, train_args, state, control, **kwargs):
             self.seconds["trl"].append(time.perf_counter() - self.start)
             self.memory["trl"].append((self.before, peak_rss_bytes()))
-            before = rss_bytes()
+            before = settle_rss()
             reset_peak_rss()
             start = time.perf_counter()
             ours.iteration(state.global_step - 1)

@@ -37,7 +37,7 @@ from benchmarks.common import (
     peak_rss_bytes,
     print_table,
     reset_peak_rss,
-    rss_bytes,
+    settle_rss,
     smollm2_gguf,
     time_interleaved,
     tiny_random_pair,
@@ -183,7 +183,7 @@ def mfu(config, num_params: int, args, seconds: dict[str, float]) -> tuple[dict 
 def footprint(setup, args: argparse.Namespace, device_peak):
     """(step fn, its first loss, compile seconds or None, memory text) of one side: CPU memory is the
     RSS growth from before `setup` (loading, optimizer state, compiling) to the first step's peak."""
-    before = rss_bytes()
+    before = settle_rss()
     call, compile_s = setup()
     reset_peak_rss()
     loss = call()
