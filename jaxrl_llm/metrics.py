@@ -105,10 +105,11 @@ def plot_runs(
     rows = math.ceil(len(present) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
     for ax, name in zip(axes.flat, present):
-        for label, metrics in runs.items():
+        for i, (label, metrics) in enumerate(runs.items()):
             points = [(r["step"], r[name]) for r in metrics if name in r]
-            if points:
-                ax.plot(*zip(*points), label=label, marker="o" if len(points) < 30 else None, markersize=3)
+            if points:  # one colour per run in every panel, also where another run lacks the metric
+                ax.plot(*zip(*points), label=label, color=f"C{i % 10}", marker="o" if len(points) < 30 else None,
+                        markersize=3)
         ax.set_title(name)
         ax.set_xlabel("step")
     for ax in axes.flat[len(present):]:
