@@ -164,26 +164,49 @@ class RMSNorm(nn.Module):
 
 
 class Projection(nn.Module):
-    """`einsum(equation, x, kernel)` (+ bias over the kernel's output axes), like DenseGeneral."""
+    """x's trailing axes contracted with the kernel's leading `contract` axes (+ bias), like DenseGeneral.
 
-    # Flax's DenseGeneral initialises a flattened kernel and reshapes it, and the flattened
-    # kernel breaks its own logical sharding constraint under a mesh; this kernel keeps its shape.
-    equation: str
+    The product runs as one 2-D matmul over flattened rows and features: XLA CPU lays out the
+    backward of a matmul with several batch or contracting axes through slow transposing copies
+    (a training step was ~17% slower). Flax's DenseGeneral would flatten its kernel at init, which
+    breaks the kernel's logical sharding under a mesh; this kernel keeps its shape.
+    """
+
     shape: tuple[int, ...]
     axes: tuple[str, ...]
     config: ModelConfig
+    contract: int = 1
     bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype, param_dtype = _dtype(self.config.dtype), _dtype(self.config.param_dtype)
         kernel = self.param("kernel", _kernel_init(self.config, self.axes), self.shape, param_dtype)
-        y = jnp.einsum(self.equation, x.astype(dtype), kernel.astype(dtype))
+        in_shape, out_shape = self.shape[: self.contract], self.shape[self.contract :]
+        rows = x.shape[: x.ndim - self.contract]
+        y = x.reshape(-1, math.prod(in_shape)).astype(dtype) @ kernel.reshape(math.prod(in_shape), -1).astype(dtype)
         if self.bias:
-            out_shape, out_axes = self.shape[1:], self.axes[1:]  # only q/k/v have biases: they contract axis 0
-            bias_init = nn.with_logical_partitioning(nn.initializers.zeros, out_axes)
-            y = y + self.param("bias", bias_init, out_shape, param_dtype).astype(dtype)
-        return y
+            bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.contract :])
+            y = y + self.param("bias", bias_init, out_shape, param_dtype).reshape(-1).astype(dtype)
+        return y.reshape(*rows, *out_shape)
+
+
+@jax.checkpoint
+def _attend(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS):
+    """softmax(q·kᵀ/√E + mask)·v per kv-head group; recomputed in the backward pass."""
+    # Rematerialised: keeping the [B,K,G,T,S] scores and probabilities of every layer for the
+    # backward costs more memory and copying (on CPU) than recomputing two small matmuls.
+    B, T, H, E = q_BxTxHxE.shape
+    K = k_BxSxKxE.shape[2]
+    q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
+    scores_BxKxGxTxS = jnp.einsum(
+        "btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE, preferred_element_type=jnp.float32
+    ) / math.sqrt(E)
+    # A finite fill keeps fully masked rows (padding queries) finite instead of NaN.
+    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(q_BxTxHxE.dtype)
+    out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs_BxKxGxTxS, v_BxSxKxE)
+    return out_BxTxKxGxE.reshape(B, T, H, E)
 
 
 class Attention(nn.Module):
@@ -198,8 +221,8 @@ class Attention(nn.Module):
 
         def projection(name, heads, head_axis):
             return Projection(
-                "btd,dhe->bthe", (cfg.hidden_size, heads, cfg.head_dim), ("embed", head_axis, "head_dim"),
-                cfg, bias=cfg.attention_bias, name=name,
+                (cfg.hidden_size, heads, cfg.head_dim), ("embed", head_axis, "head_dim"), cfg,
+                bias=cfg.attention_bias, name=name,
             )
 
         q_BxTxHxE = projection("q_proj", cfg.num_heads, "heads")(x_BxTxD)
@@ -228,51 +251,39 @@ class Attention(nn.Module):
         k_BxSxKxE = nn.with_logical_constraint(k_BxSxKxE, kv_axes)
         v_BxSxKxE = nn.with_logical_constraint(v_BxSxKxE, kv_axes)
 
-        B, T, H, E = q_BxTxHxE.shape
-        K = cfg.num_kv_heads
-        q_BxTxKxGxE = q_BxTxHxE.reshape(B, T, K, H // K, E)
-        scores_BxKxGxTxS = jnp.einsum(
-            "btkge,bske->bkgts", q_BxTxKxGxE, k_BxSxKxE.astype(dtype),
-            preferred_element_type=jnp.float32,
-        ) / math.sqrt(E)
-        # A finite fill keeps fully masked rows (padding queries) finite instead of NaN.
-        scores_BxKxGxTxS = jnp.where(
-            mask_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min
-        )
-        probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dtype)
-        out_BxTxKxGxE = jnp.einsum("bkgts,bske->btkge", probs_BxKxGxTxS, v_BxSxKxE.astype(dtype))
-        out_BxTxHxE = out_BxTxKxGxE.reshape(B, T, H, E)
+        out_BxTxHxE = _attend(q_BxTxHxE, k_BxSxKxE.astype(dtype), v_BxSxKxE.astype(dtype), mask_BxTxS)
         out_BxTxD = Projection(
-            "bthe,hed->btd", (cfg.num_heads, cfg.head_dim, cfg.hidden_size), ("heads", "head_dim", "embed"),
-            cfg, name="o_proj",
+            (cfg.num_heads, cfg.head_dim, cfg.hidden_size), ("heads", "head_dim", "embed"), cfg,
+            contract=2, name="o_proj",
         )(out_BxTxHxE)
         return out_BxTxD, new_cache
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) · up(x))."""
+    """SwiGLU: down(silu(gate(x)) · up(x)), as 2-D matmuls over the flattened rows (see Projection)."""
 
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x_BxTxD):
         cfg = self.config
+        B, T, D = x_BxTxD.shape
+        x_NxD = x_BxTxD.reshape(B * T, D)
         dense = dict(use_bias=False, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype))
-        gate_BxTxF = nn.Dense(
+        gate_NxF = nn.Dense(
             cfg.intermediate_size, kernel_init=_kernel_init(cfg, ("embed", "mlp")),
             name="gate_proj", **dense,
-        )(x_BxTxD)
-        up_BxTxF = nn.Dense(
+        )(x_NxD)
+        up_NxF = nn.Dense(
             cfg.intermediate_size, kernel_init=_kernel_init(cfg, ("embed", "mlp")),
             name="up_proj", **dense,
-        )(x_BxTxD)
-        hidden_BxTxF = nn.with_logical_constraint(
-            nn.silu(gate_BxTxF) * up_BxTxF, ("batch", "length", "mlp")
-        )
-        return nn.Dense(
+        )(x_NxD)
+        hidden_NxF = nn.with_logical_constraint(nn.silu(gate_NxF) * up_NxF, ("batch", "mlp"))
+        down_NxD = nn.Dense(
             cfg.hidden_size, kernel_init=_kernel_init(cfg, ("mlp", "embed")),
             name="down_proj", **dense,
-        )(hidden_BxTxF)
+        )(hidden_NxF)
+        return down_NxD.reshape(B, T, D)
 
 
 class DecoderLayer(nn.Module):
