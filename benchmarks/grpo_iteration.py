@@ -16,7 +16,7 @@ betas 0.9/0.999, eps 1e-8, no weight decay), global-norm clipping at 1.0, consta
 Generation is forced to exactly N tokens a sample on both sides so that both do the same work: ours
 samples with no stop token, TRL's transformers `generate` gets min_new_tokens = N (EOS cannot be
 sampled before N). An iteration is, for ours, `Rollouts.batch` (jitted KV-cache `generate`,
-decode, reward) then the jitted `make_grpo_step` (old and reference log-probs, advantages, loss,
+decode, reward) then the jitted `make_grpo_step` (reference log-probs, advantages, loss,
 AdamW); for TRL, one `GRPOTrainer` optimizer step (transformers `generate`, decode, reward,
 reference log-probs, loss, backward, AdamW), timed from its `on_step_begin` to its `on_step_end`
 callback. The two alternate: after each TRL step, the callback runs one of ours on the same
@@ -109,7 +109,8 @@ def run_config(args: argparse.Namespace, folder: str):
             synthetic=SyntheticSection(num_examples=P * (args.repeats + 1) + 1, digits=1),
         ),
         optim=OptimSection(lr=LR, weight_decay=0.0, grad_clip=1.0),
-        sampling=SamplingSection(temperature=1.0),
+        # Prompts padded to a multiple of 8 tokens, near TRL's pad-to-the-longest.
+        sampling=SamplingSection(temperature=1.0, prompt_bucket="multiple", prompt_bucket_size=8),
         grpo=GRPOSection(
             group_size=G, loss="ppo", eps_low=EPS_CLIP, eps_high=EPS_CLIP, aggregation="seq_mean_token_mean",
             adv_scaling="group", std="bessel", kl_coef=BETA, kl_estimator="k3", kl_placement="loss",
@@ -303,10 +304,11 @@ def measure(args: argparse.Namespace) -> Result:
     )
     notes = (
         f"ours: {generation:.2f} s of the median iteration in Rollouts.batch (generation + reward), "
-        "the rest in the jitted step (old and reference log-probs, update)",
-        "ours scores old log-probs in a third forward pass that TRL skips when it does one update per rollout",
+        "the rest in the jitted step (reference log-probs, update)",
+        "with one update per rollout neither side scores old log-probs separately: both reuse the "
+        "policy's detached log-probs",
         "fixed length on both sides: ours samples without a stop token, TRL's generate gets min_new_tokens = N",
-        "ours pads prompts to the sampler's default power-of-two bucket (TRL to the longest prompt); "
+        "ours pads prompts to a multiple of 8 tokens (TRL to the longest prompt); "
         "its compile time is the first iteration minus the median",
     )
     for note in notes:

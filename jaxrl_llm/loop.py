@@ -126,6 +126,7 @@ def sampling_config(config: Config, tokenizer, n: int, greedy: bool = False) -> 
         max_new_tokens=config.data.max_completion_len, temperature=0.0 if greedy else s.temperature,
         top_k=s.top_k, top_p=s.top_p, n=n, pad_token_id=tokenizer.pad_token_id,
         stop_token_ids=tuple(dict.fromkeys((tokenizer.eos_token_id, *s.stop_token_ids))),
+        bucket=s.prompt_bucket, bucket_size=s.prompt_bucket_size,
     )
 
 

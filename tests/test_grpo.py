@@ -91,6 +91,27 @@ def test_on_policy_loss_is_minus_aggregated_advantage(params, aggregation):
     np.testing.assert_allclose(float(metrics["ratio/mean"]), 1.0, atol=1e-6)
 
 
+def test_one_update_per_rollout_follows_the_reinforce_gradient(params):
+    """μ = 1 with one minibatch reuses the policy's own detached log-probs as the old ones
+    (no separate scoring pass); the update must still be -∇ Σ adv·logp / Σ mask."""
+    cfg = GRPOSection(group_size=G, kl_coef=0.0, aggregation="token_mean")
+    batch = rollout(6)
+    state, _ = jax.jit(make_grpo_step(CONFIG, cfg))(fresh_state(params, tx=optax.sgd(1.0)), batch, jax.random.key(0))
+    adv = jnp.asarray(numpy_group_adv(batch["rewards"]), jnp.float32)
+    cm = jnp.asarray(batch["completion_mask"], jnp.float32)
+
+    def reinforce(p):
+        logits, _ = Transformer(CONFIG).apply(
+            {"params": p}, batch["tokens"], positions_from_mask(batch["mask"]), batch["mask"]
+        )
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), batch["tokens"][:, 1:, None], -1)[..., 0]
+        return -jnp.sum(adv[:, None] * logp * cm[:, 1:]) / cm.sum()
+
+    want = jax.tree.map(lambda p, g: p - g, params, jax.grad(reinforce)(params))
+    for got, expected in zip(jax.tree.leaves(state.policy.params), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got, expected, atol=2e-6)
+
+
 def test_kl_in_reward_is_subtracted_before_the_group_baseline(params):
     ref_params = jax.tree.map(lambda p: p * 0.9, params)
     cfg = GRPOSection(group_size=G, kl_coef=0.5, kl_estimator="k1", kl_placement="reward", aggregation="token_mean")

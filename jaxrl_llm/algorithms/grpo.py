@@ -59,6 +59,11 @@ def make_grpo_step(
     `max_completion_len` is Dr. GRPO's constant L and DAPO's L_max (default: the row width T).
     """
     with_ref = uses_reference(cfg)
+    # With one update per rollout the policy being trained is the rollout's, so its own detached
+    # log-probs are the old ones and the separate scoring pass can go (TRL does the same).
+    reuse_logp = cfg.num_iterations == 1 and cfg.num_minibatches == 1 and not (
+        with_ref and cfg.kl_placement == "reward"
+    )
     full_kl = cfg.kl_estimator == "full"
     loss_kwargs = _loss_kwargs(cfg)
 
@@ -82,8 +87,9 @@ def make_grpo_step(
         if cfg.overlong_filtering:
             kept_R = 1 - batch["truncated"].astype(batch["completion_mask"].dtype)
             batch = {**batch, "completion_mask": batch["completion_mask"] * kept_R[:, None]}
-        old_hidden_RxTxD, old_logp_RxT, _ = jax.lax.stop_gradient(scored(state.policy.params, batch))
-        batch = {**batch, "old_logp": old_logp_RxT}
+        if not reuse_logp:
+            old_hidden_RxTxD, old_logp_RxT, _ = jax.lax.stop_gradient(scored(state.policy.params, batch))
+            batch = {**batch, "old_logp": old_logp_RxT}
         rewards_R = batch["rewards"]
         metrics = {}
         if with_ref:
@@ -108,7 +114,8 @@ def make_grpo_step(
         def loss_fn(params, mb, normalizer):
             hidden_RxTxD, logp_RxT, entropy_RxT = scored(params, mb, with_entropy=True)
             mask_RxT = mb["completion_mask"]
-            pg_RxT, out = policy_loss(logp_RxT, mb["old_logp"], mb["adv"], mask_RxT, cfg.loss, **loss_kwargs)
+            old_logp_RxT = jax.lax.stop_gradient(logp_RxT) if reuse_logp else mb["old_logp"]
+            pg_RxT, out = policy_loss(logp_RxT, old_logp_RxT, mb["adv"], mask_RxT, cfg.loss, **loss_kwargs)
             loss = aggregate(pg_RxT, mask_RxT, cfg.aggregation, normalizer, max_len=max_len)
             out = {**out, "pg_loss": loss, "entropy": aggregate(entropy_RxT, mask_RxT)}
             if with_ref and cfg.kl_placement == "loss":
