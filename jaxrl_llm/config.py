@@ -467,8 +467,9 @@ _POSITIVE = (
     "model.tiny.num_heads", "model.tiny.num_kv_heads", "model.tiny.head_dim", "model.tiny.max_position_embeddings",
     "data.max_prompt_len", "data.max_completion_len", "data.batch_size", "data.synthetic.num_examples",
     "data.synthetic.digits", "optim.lr", "optim.critic_lr", "optim.eps", "optim.grad_clip", "sampling.temperature",
-    "sampling.prompt_bucket_size", "grpo.std_eps", "grpo.sapo_tau_pos", "grpo.sapo_tau_neg", "grpo.cispo_eps_max", "grpo.num_iterations",
-    "grpo.num_minibatches", "grpo.dynamic_sampling_max_tries", "grpo.overlong_buffer", "ppo.epochs",
+    "sampling.prompt_bucket_size", "grpo.std_eps", "grpo.sapo_tau_pos", "grpo.sapo_tau_neg", "grpo.cispo_eps_max",
+    "grpo.num_iterations", "grpo.num_minibatches", "grpo.dynamic_sampling_max_tries", "grpo.overlong_buffer",
+    "ppo.epochs",
     "ppo.num_minibatches", "ppo.value_clip", "ppo.kl_target", "ppo.kl_horizon", "ppo.reward_clip", "dpo.beta",
     "train.total_steps", "train.grad_accum", "train.log_every", "train.keep_checkpoints", "train.sft_warmup_lr",
 )

@@ -104,6 +104,19 @@ def test_unknown_keys_wrong_types_and_bad_enums(override, expected):
     assert expected in error_of(override)
 
 
+def test_prompt_bucket_reaches_the_sampler():
+    from types import SimpleNamespace
+
+    from jaxrl_llm.loop import sampling_config
+    from jaxrl_llm.sampling import bucket_length
+
+    config = load_config(None, ["sampling.prompt_bucket=multiple", "sampling.prompt_bucket_size=8"])
+    sampling = sampling_config(config, SimpleNamespace(pad_token_id=0, eos_token_id=1), n=4)
+    assert (sampling.bucket, sampling.bucket_size) == ("multiple", 8)
+    assert bucket_length(38, sampling) == 40
+    assert bucket_length(38, sampling_config(load_config(None, []), SimpleNamespace(pad_token_id=0, eos_token_id=1), 4)) == 64
+
+
 @pytest.mark.parametrize("override, expected", [
     ("optim.lr=-1e-3", "optim.lr must be > 0, got -0.001."),
     ("grpo.eps_high=-0.1", "grpo.eps_high must be >= 0, got -0.1."),
@@ -118,6 +131,7 @@ def test_unknown_keys_wrong_types_and_bad_enums(override, expected):
     ("optim.b2=1", "optim.b2 must be in [0, 1), got 1.0."),
     ("optim.lr=.nan", "optim.lr must be > 0, got nan."),
     ("mesh.fsdp=0", "mesh.fsdp must be a positive size or -1 (the remaining devices), got 0."),
+    ("sampling.prompt_bucket_size=0", "sampling.prompt_bucket_size must be > 0, got 0."),
 ])
 def test_impossible_values(override, expected):
     assert expected in error_of(override)

@@ -182,9 +182,9 @@ class Projection(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype, param_dtype = _dtype(self.config.dtype), _dtype(self.config.param_dtype)
         kernel = self.param("kernel", _kernel_init(self.config, self.axes), self.shape, param_dtype)
-        in_shape, out_shape = self.shape[: self.contract], self.shape[self.contract :]
+        features, out_shape = math.prod(self.shape[: self.contract]), self.shape[self.contract :]
         rows = x.shape[: x.ndim - self.contract]
-        y = x.reshape(-1, math.prod(in_shape)).astype(dtype) @ kernel.reshape(math.prod(in_shape), -1).astype(dtype)
+        y = x.reshape(-1, features).astype(dtype) @ kernel.reshape(features, -1).astype(dtype)
         if self.bias:
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.contract :])
             y = y + self.param("bias", bias_init, out_shape, param_dtype).reshape(-1).astype(dtype)
