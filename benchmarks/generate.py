@@ -12,10 +12,12 @@ emit exactly N tokens per row (no stop token on either side); each call is timed
 (prefill + decode). First both decode greedily and their tokens are compared; no speed is
 reported when they disagree (fp32). JAX's compile time is reported apart; each side's time is
 the median of --repeats calls after a warm-up call, the two sides alternating so that other load
-on the machine hits both alike. With --gpu it also prints the fraction of the card's memory
-bandwidth the decode reaches: the bytes a decode step must read (weights, and the KV cache filled
-so far, on average half of the new tokens plus the prompt) times N steps, over the time of the
-whole call (prefill included, so this understates the decode loop's own fraction).
+on the machine hits both alike. It also prints the fraction of the memory-bandwidth roofline the
+decode reaches: the bytes a decode step must read (weights, and the KV cache filled so far, on
+average half of the new tokens plus the prompt) times N steps, over the time of the whole call
+(prefill included, so this understates the decode loop's own fraction). On a GPU the bandwidth is
+the card's datasheet figure; on CPU it is measured in the same run (a batch-B matmul streaming a
+weight-sized matrix), which also bounds the ratio any decoder can reach against transformers.
 """
 
 from __future__ import annotations
@@ -151,21 +153,50 @@ def rss(before: int, peak: int) -> str:
     return f"RSS {format_bytes(peak)} (+{format_bytes(max(peak - before, 0))} in the call)"
 
 
-def bandwidth_note(config, params, args, seconds: float) -> tuple[str, ...]:
-    """The fraction of the card's memory bandwidth our decode reaches (GPU mode only)."""
+def cpu_read_bandwidth(num_bytes: int, rows: int) -> float:
+    """Bytes/s at which XLA on this CPU streams a [D, M] fp32 matrix of `num_bytes` through a
+    `rows`-row matmul: a decode step's access pattern, measured rather than taken from a datasheet."""
+    import jax
+    import jax.numpy as jnp
+
+    width = 576
+    weight_DxM = jnp.ones((width, num_bytes // 4 // width), jnp.float32)
+    x_BxD = jnp.ones((rows, width), jnp.float32)
+    matmul = jax.jit(lambda x, w: x @ w)
+    jax.block_until_ready(matmul(x_BxD, weight_DxM))
+    seconds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(x_BxD, weight_DxM))
+        seconds.append(time.perf_counter() - start)
+    return weight_DxM.nbytes / float(np.median(seconds))
+
+
+def bandwidth_note(config, params, args, seconds: dict[str, float]) -> tuple[str, ...]:
+    """How close our decode comes to the memory-bandwidth roofline: the card's datasheet figure on
+    a GPU; on CPU, a bandwidth measured in this run, with the speed ceiling it implies."""
     import jax
 
-    if not args.gpu:
-        return ()
-    kind = jax.devices()[0].device_kind
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     cache_slots = args.batch * (args.prompt_len + args.new_tokens / 2)
-    cache_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * cache_slots * 2  # k and v, bf16
+    itemsize = 2 if args.dtype == "bfloat16" else 4
+    cache_bytes = 2 * config.num_layers * config.num_kv_heads * config.head_dim * cache_slots * itemsize
     moved = (weight_bytes + cache_bytes) * args.new_tokens
+    ours = seconds["jaxrl_llm"]
+    if not args.gpu:
+        bandwidth = cpu_read_bandwidth(weight_bytes, args.batch)
+        floor_s = moved / bandwidth
+        ceiling = seconds["transformers"] / floor_s
+        return (f"memory-bandwidth roofline: this CPU streams weights through a batch-{args.batch} matmul "
+                f"at {bandwidth / 1e9:.1f} GB/s (measured now), so reading the weights and KV cache "
+                f"once per new token takes {floor_s:.2f} s for {args.new_tokens} tokens: at most "
+                f"{ceiling:.2f}x transformers in this run; ours runs at {floor_s / ours:.0%} of that "
+                "roofline (whole call, prefill included)",)
+    kind = jax.devices()[0].device_kind
     peaks = gpu_peaks(kind)
     if peaks is None:
-        return (f"memory-bandwidth roofline n/a: no bandwidth known for {kind!r} ({moved / seconds / 1e9:.0f} GB/s)",)
-    return (f"decode at {moved / seconds / peaks[1]:.0%} of {kind}'s {peaks[1] / 1e12:.2f} TB/s "
+        return (f"memory-bandwidth roofline n/a: no bandwidth known for {kind!r} ({moved / ours / 1e9:.0f} GB/s)",)
+    return (f"decode at {moved / ours / peaks[1]:.0%} of {kind}'s {peaks[1] / 1e12:.2f} TB/s "
             "memory-bandwidth roofline (whole call, prefill included)",)
 
 
@@ -213,7 +244,7 @@ def measure(args: argparse.Namespace) -> Result:
           f"temporaries {format_bytes(plan.temp_size_in_bytes)} (KV cache, per-layer weights, activations)")
     print(f"ratio jaxrl_llm / transformers: {rate['jaxrl_llm'] / rate['transformers']:.2f}x "
           f"(median of {args.repeats}, interleaved)")
-    notes = bandwidth_note(config, params, args, timings["jaxrl_llm"].median_s)
+    notes = bandwidth_note(config, params, args, {name: t.median_s for name, t in timings.items()})
     for note in notes:
         print(note)
     precision = "bf16" if args.dtype == "bfloat16" else "fp32"

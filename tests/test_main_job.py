@@ -17,7 +17,8 @@ def test_grpo_phase_of_the_default_raises_accuracy(tmp_path):
     config = load_config(os.path.join(ROOT, "configs", "default.yaml"), [f"run_dir={tmp_path}", *SHORT])
     result = train(config, quiet=True)
     before, after = result.metrics["before/eval/accuracy"], result.metrics["eval/accuracy"]
-    # Measured at this point of the default run with seeds 0, 1, 2, 3: +0.21, +0.12, +0.35, +0.29.
+    # Measured at this point of the default run: +0.105 (seed 0, used here); seeds 1, 2: +0.04, +0.004
+    # from warm starts already at 0.945 and 0.918.
     assert after >= before + 0.08, (before, after)
     assert result.metrics["eval/reward"] > result.metrics["before/eval/reward"] + 0.08
     with open(os.path.join(tmp_path, "summary.json")) as file:
