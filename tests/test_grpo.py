@@ -35,7 +35,7 @@ def rollout(seed, prompts=2, P=4, N=6):
         mask[r, P - p:P + n] = 1
         completion[r, P:P + n] = 1
     return {
-        "tokens": tokens * mask, "mask": mask, "completion_mask": completion,
+        "tokens": tokens * mask, "mask": mask, "completion_mask": completion, "prompt_mask": mask[:, :P],
         "rewards": rng.normal(size=R).astype(np.float32), "truncated": completion.sum(1) == N,
     }
 
@@ -180,6 +180,27 @@ def test_every_switch_runs_and_updates(params, changes):
     assert all(jax.tree.leaves(frozen))
     if changes.get("num_iterations", 1) > 1 and changes["loss"] != "sapo":
         assert float(metrics["ratio/max"]) > 1.0 or float(metrics["ratio/min"]) < 1.0
+
+
+def test_scoring_only_the_completion_changes_nothing(params):
+    """A rollout's `prompt_mask` makes the step skip the LM head on prompt positions (and the
+    full KL there); every metric and update equals scoring all positions."""
+    ref_params = jax.tree.map(lambda p: p * 0.9, params)
+    cfg = GRPOSection(group_size=G, kl_coef=0.1, kl_estimator="full", kl_placement="loss", num_iterations=2)
+    step = jax.jit(make_grpo_step(CONFIG, cfg))
+    batch = rollout(7)
+    everywhere = {k: v for k, v in batch.items() if k != "prompt_mask"}
+    state, metrics = step(fresh_state(params, ref_params, tx=optax.sgd(1.0)), batch, jax.random.key(0))
+    want_state, want = step(fresh_state(params, ref_params, tx=optax.sgd(1.0)), everywhere, jax.random.key(0))
+    for name in want:
+        np.testing.assert_allclose(metrics[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    for got, expected in zip(jax.tree.leaves(state.policy.params), jax.tree.leaves(want_state.policy.params)):
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+    P = batch["prompt_mask"].shape[1]
+    logp = common.hidden_logprobs(params, CONFIG, common.final_hidden(params, CONFIG, batch["tokens"], batch["mask"]),
+                                  batch["tokens"], first=P)
+    assert not np.any(np.asarray(logp)[:, :P])
+    np.testing.assert_allclose(logp[:, P:], ref_logp(params, batch)[:, P:], atol=1e-5)
 
 
 def test_full_kl_is_zero_against_itself(params):

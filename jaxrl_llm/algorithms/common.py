@@ -5,7 +5,9 @@ Shapes: B sequences, T tokens, M microbatches, D hidden size.
 A sequence batch is a dict of `tokens` [B,T] (prompt left-padded, then the completion,
 right-padded), `mask` [B,T] (1 on real tokens) and `completion_mask` [B,T] (1 on the tokens
 a loss sees). Position t of a log-prob array scores token t given tokens < t; position 0
-scores nothing and holds 0.
+scores nothing and holds 0. A rollout batch also carries its `prompt_mask` [B,P]: no loss sees
+a prompt token, so its log-probs are not computed (the LM head runs on the completion only, as
+TRL's `logits_to_keep`) and hold 0 too.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def rollout_batch(completions: Completions, rewards_R=None) -> dict:
         "tokens": tokens_RxT,
         "mask": mask_RxT,
         "completion_mask": completion_RxT,
+        "prompt_mask": completions.prompt_mask_RxP.astype(jnp.int32),
         "rewards": jnp.zeros(tokens_RxT.shape[0], jnp.float32) if rewards_R is None
         else jnp.asarray(rewards_R, jnp.float32),
         "truncated": completions.truncated_R,
@@ -57,23 +60,28 @@ def final_hidden(params, model_config: ModelConfig, tokens_BxT, mask_BxT):
     return hidden_BxTxD
 
 
+def first_scored(batch: dict) -> int:
+    """The first position whose log-prob a step needs: a rollout's prompt width, else 1."""
+    return batch["prompt_mask"].shape[1] if "prompt_mask" in batch else 1
+
+
 def hidden_logprobs(
     params, model_config: ModelConfig, hidden_BxTxD, tokens_BxT, temperature: float = 1.0,
-    with_entropy: bool = False, chunk_size: int = 128,
+    with_entropy: bool = False, chunk_size: int | None = None, first: int = 1,
 ):
     """log π(token_t | tokens_<t) [B,T] (and that distribution's entropy) from final hidden
-    states, never materialising [B,T,V] logits; position 0 holds 0."""
+    states, never materialising [B,T,V] logits; positions before `first` (≥ 1) hold 0."""
     lm_head_DxV = lm_head_weight(params, model_config).astype(hidden_BxTxD.dtype)
     scored = chunked_token_logprobs(
-        hidden_BxTxD[:, :-1], lm_head_DxV, tokens_BxT[:, 1:], chunk_size=chunk_size,
+        hidden_BxTxD[:, first - 1 : -1], lm_head_DxV, tokens_BxT[:, first:], chunk_size=chunk_size,
         with_entropy=with_entropy, temperature=temperature,
     )
-    return jax.tree.map(shift_right, scored)
+    return jax.tree.map(lambda x_BxN: shift_right(x_BxN, first), scored)
 
 
 def score_tokens(
     params, model_config: ModelConfig, tokens_BxT, mask_BxT, temperature: float = 1.0,
-    with_entropy: bool = False, chunk_size: int = 128,
+    with_entropy: bool = False, chunk_size: int | None = None,
 ):
     """`hidden_logprobs` of a forward pass over the tokens."""
     hidden_BxTxD = final_hidden(params, model_config, tokens_BxT, mask_BxT)
@@ -84,30 +92,33 @@ def score_tokens(
 
 def hidden_full_kl(
     params, hidden_BxTxD, ref_params, ref_hidden_BxTxD, model_config: ModelConfig,
-    temperature: float = 1.0, chunk_size: int = 128,
+    temperature: float = 1.0, chunk_size: int | None = None, first: int = 1,
 ):
-    """Exact KL(π_θ(·|s_t) ‖ π_ref(·|s_t)) [B,T] over the vocabulary at the state that emits token t."""
-    kl_BxT1 = chunked_full_kl(
-        hidden_BxTxD[:, :-1], lm_head_weight(params, model_config).astype(hidden_BxTxD.dtype),
-        ref_hidden_BxTxD[:, :-1], lm_head_weight(ref_params, model_config).astype(ref_hidden_BxTxD.dtype),
+    """Exact KL(π_θ(·|s_t) ‖ π_ref(·|s_t)) [B,T] over the vocabulary at the state that emits token t
+    (0 before `first`)."""
+    kl_BxN = chunked_full_kl(
+        hidden_BxTxD[:, first - 1 : -1], lm_head_weight(params, model_config).astype(hidden_BxTxD.dtype),
+        ref_hidden_BxTxD[:, first - 1 : -1],
+        lm_head_weight(ref_params, model_config).astype(ref_hidden_BxTxD.dtype),
         chunk_size=chunk_size, temperature=temperature,
     )
-    return shift_right(kl_BxT1)
+    return shift_right(kl_BxN, first)
 
 
-def shift_right(x_BxT1):
-    """Prepend a zero column: [B,T-1] scores of tokens 1..T-1 become [B,T] aligned with the tokens."""
-    return jnp.pad(x_BxT1, ((0, 0), (1, 0)))
+def shift_right(x_BxN, by: int = 1):
+    """Prepend `by` zero columns: [B,T-by] scores of tokens by..T-1 become [B,T] aligned with the tokens."""
+    return jnp.pad(x_BxN, ((0, 0), (by, 0)))
 
 
 def policy_scores(
     params, model_config: ModelConfig, batch: dict, temperature: float = 1.0,
-    with_entropy: bool = False, chunk_size: int = 128,
+    with_entropy: bool = False, chunk_size: int | None = None,
 ):
     """(final hidden [B,T,D], log-probs [B,T], entropy [B,T] or None) of a sequence batch."""
     hidden_BxTxD = final_hidden(params, model_config, batch["tokens"], batch["mask"])
     scored = hidden_logprobs(
-        params, model_config, hidden_BxTxD, batch["tokens"], temperature, with_entropy, chunk_size
+        params, model_config, hidden_BxTxD, batch["tokens"], temperature, with_entropy, chunk_size,
+        first_scored(batch),
     )
     logp_BxT, entropy_BxT = scored if with_entropy else (scored, None)
     return hidden_BxTxD, logp_BxT, entropy_BxT

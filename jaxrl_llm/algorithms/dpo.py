@@ -26,7 +26,7 @@ class DPOState(struct.PyTreeNode):
     ref_params: Any
 
 
-def completion_logps(params, model_config: ModelConfig, batch: dict, chunk_size: int = 128):
+def completion_logps(params, model_config: ModelConfig, batch: dict, chunk_size: int | None = None):
     """Summed completion log-probs (chosen_B, rejected_B) from one forward over both answers."""
     tokens_2BxT = jnp.concatenate([batch["chosen_tokens"], batch["rejected_tokens"]])
     mask_2BxT = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
@@ -37,7 +37,7 @@ def completion_logps(params, model_config: ModelConfig, batch: dict, chunk_size:
 
 def pair_loss(
     params, ref_params, model_config: ModelConfig, batch: dict, beta: float, kind: str,
-    label_smoothing: float, chunk_size: int = 128,
+    label_smoothing: float, chunk_size: int | None = None,
 ):
     """Per-pair DPO loss [B] and metrics; `ipo` averages log-probs per token (as TRL)."""
     ref_chosen_B, ref_rejected_B = jax.lax.stop_gradient(
@@ -58,7 +58,7 @@ def pair_loss(
 
 def make_dpo_step(
     model_config: ModelConfig, beta: float = 0.1, kind: str = "sigmoid", label_smoothing: float = 0.0,
-    num_microbatches: int = 1, chunk_size: int = 128,
+    num_microbatches: int = 1, chunk_size: int | None = None,
 ):
     """`step(state, batch, key) -> (state, metrics)` on pairs of chosen/rejected sequence batches."""
 

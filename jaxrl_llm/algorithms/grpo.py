@@ -20,6 +20,7 @@ from flax import struct
 
 from jaxrl_llm.algorithms.common import (
     accumulate_gradients,
+    first_scored,
     hidden_full_kl,
     policy_scores,
     update_rows,
@@ -51,7 +52,7 @@ def uses_reference(cfg: GRPOSection) -> bool:
 
 def make_grpo_step(
     model_config: ModelConfig, cfg: GRPOSection, temperature: float = 1.0, num_microbatches: int = 1,
-    max_completion_len: int | None = None, chunk_size: int = 128,
+    max_completion_len: int | None = None, chunk_size: int | None = None,
 ):
     """`step(state, batch, key) -> (state, metrics)` on a `rollout_batch` of prompts × G samples.
 
@@ -79,7 +80,7 @@ def make_grpo_step(
             if full_kl:
                 return hidden_full_kl(
                     params, hidden_RxTxD, state.ref_params, ref_hidden_RxTxD, model_config,
-                    temperature, chunk_size,
+                    temperature, chunk_size, first_scored(batch),
                 )
             return kl_estimate(logp_RxT, ref_logp_RxT, cfg.kl_estimator)
 

@@ -25,6 +25,7 @@ from flax import struct
 
 from jaxrl_llm.algorithms.common import (
     accumulate_gradients,
+    first_scored,
     hidden_full_kl,
     policy_scores,
     scalar_scores,
@@ -73,7 +74,7 @@ def explained_variance(values_RxT, returns_RxT, mask_RxT):
 def make_ppo_step(
     model_config: ModelConfig, cfg: PPOSection, temperature: float = 1.0, num_microbatches: int = 1,
     critic_config: ModelConfig | None = None, reward_config: ModelConfig | None = None,
-    chunk_size: int = 128,
+    chunk_size: int | None = None,
 ):
     """`step(state, batch, key) -> (state, metrics)` on a `common.rollout_batch`."""
     critic_config = critic_config or model_config
@@ -97,7 +98,7 @@ def make_ppo_step(
         if full_kl:
             kl_RxT = hidden_full_kl(
                 state.actor.params, hidden_RxTxD, state.ref_params, ref_hidden_RxTxD, model_config,
-                temperature, chunk_size,
+                temperature, chunk_size, first_scored(batch),
             )
         else:
             kl_RxT = kl_estimate(old_logp_RxT, ref_logp_RxT, cfg.kl_estimator)

@@ -15,7 +15,7 @@ from jaxrl_llm.state import TrainState
 
 def make_sft_step(
     model_config: ModelConfig, num_microbatches: int = 1, aggregation: str = "token_mean",
-    chunk_size: int = 128,
+    chunk_size: int | None = None,
 ):
     """`step(state, batch, key) -> (state, metrics)` for a batch of tokens/mask/completion_mask."""
 
