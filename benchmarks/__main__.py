@@ -195,9 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     for r in results.values():
         for note in getattr(r, "notes", ()):
             print(f"- {note}")
-    if not (args.no_write or args.smoke or args.only):
-        update_results(section(args, results, loads), args.gpu)
-        print(f"wrote {RESULTS}")
+    if args.no_write or args.smoke or args.only:
+        return
+    if not any(isinstance(r, Result) for r in results.values()):
+        sys.exit(f"No benchmark reported a speed; {RESULTS} left alone.")
+    update_results(section(args, results, loads), args.gpu)
+    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

