@@ -69,7 +69,11 @@ def evaluate(config: Config, source: str, samples: int = 3, temperature: float =
     answers, or `n` per prompt sampled at `temperature`."""
     from jaxrl_llm.loop import Rollouts, prepare_examples, reward_function
 
+    from jaxrl_llm.config import ConfigError
+
     config = eval_config(config)
+    if config.data.eval_size < 1:
+        raise ConfigError("data.eval_size is 0, so no held-out examples to evaluate on; set data.eval_size=64, say.")
     policy = load_checkpoint_policy(config, source)
     validate(config, policy.config.max_position_embeddings)
     _, eval_set = prepare_examples(config, policy.tokenizer)

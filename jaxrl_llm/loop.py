@@ -461,6 +461,8 @@ def train(config: Config, policy: Policy | None = None, quiet: bool = False) -> 
         save_config(config, os.path.join(config.run_dir, "config.yaml"))
     train_set, eval_set = prepare_examples(config, policy.tokenizer)
     phase = PHASES[config.algorithm](config, policy, train_set, eval_set)
+    if not eval_set:  # data.eval_size=0 holds nothing out, so there is nothing to evaluate on
+        phase = dataclasses.replace(phase, evaluate=None)
     return run_phase(config, phase, policy, quiet)
 
 

@@ -52,6 +52,8 @@ def test_eval_text_report_and_errors(sft_run, capsys, tmp_path):
     assert "on 4 held-out arithmetic prompts" in out and "accuracy" in out and "->" in out
     assert eval_cli.main([str(tmp_path / "missing")]) == 2
     assert "no such folder or file" in capsys.readouterr().err
+    assert eval_cli.main([sft_run.run_dir, "data.eval_size=0"]) == 2
+    assert "data.eval_size is 0" in capsys.readouterr().err
 
 
 def test_plot_of_several_runs_with_chosen_metrics(sft_run, tmp_path):

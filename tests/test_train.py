@@ -87,6 +87,13 @@ def test_sft_run_leaves_its_files_and_resumes_exactly(tmp_path):
         train(config("sft", tmp_path / "split", "train.total_steps=6", *common), quiet=True)
 
 
+@pytest.mark.parametrize("preset", ["sft", "grpo"])
+def test_a_run_without_held_out_examples_skips_evaluation(tmp_path, preset):
+    result = train(config(preset, tmp_path / preset, "data.eval_size=0", "train.total_steps=2", "train.eval_every=1",
+                          "train.sft_warmup_steps=1", "data.batch_size=8", "data.max_completion_len=8"), quiet=True)
+    assert "loss" in result.metrics and not any("eval/" in name for name in result.metrics)
+
+
 def test_grpo_run_with_warm_start_and_dynamic_sampling(tmp_path):
     result = train(config(
         "dapo", tmp_path / "dapo", "train.sft_warmup_steps=2", "train.total_steps=2", "data.batch_size=16",
