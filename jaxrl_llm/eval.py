@@ -67,9 +67,8 @@ def load_checkpoint_policy(config: Config, source: str):
 def evaluate(config: Config, source: str, samples: int = 3, temperature: float = 0.0, n: int = 1) -> dict:
     """Held-out metrics of `source` on `config`'s task, with `samples` prompt/answer pairs; greedy
     answers, or `n` per prompt sampled at `temperature`."""
-    from jaxrl_llm.loop import Rollouts, prepare_examples, reward_function
-
     from jaxrl_llm.config import ConfigError
+    from jaxrl_llm.loop import Rollouts, prepare_examples, reward_function
 
     config = eval_config(config)
     if config.data.eval_size < 1:
