@@ -185,6 +185,23 @@ def test_chunked_logprobs_equal_plain_values_and_gradients():
     np.testing.assert_allclose(one_position_chunks, want[0][1][0], rtol=1e-5, atol=1e-5)
 
 
+def test_default_chunks_fill_the_logit_budget(monkeypatch):
+    """chunk_size=None: as many positions as keep B·C·V within LOGITS_PER_CHUNK, at least one,
+    at most T; with a small budget the default path splits and still equals one chunk."""
+    from jaxrl_llm.core import logprobs
+
+    assert logprobs._positions_per_chunk(None, 4, 256, 49152) == 256  # SmolLM2 SFT batch: one chunk
+    assert logprobs._positions_per_chunk(None, 256, 1024, 49152) == 5  # 256·5·V ≤ 2^26 < 256·6·V
+    assert logprobs._positions_per_chunk(None, 4096, 64, 49152) == 1
+    assert logprobs._positions_per_chunk(7, 4, 3, 10) == 3
+    _, hidden, lm_head, tokens, _ = hidden_problem(0)
+    B, T = tokens.shape
+    monkeypatch.setattr(logprobs, "LOGITS_PER_CHUNK", 2 * B * lm_head.shape[1])  # 2 positions a chunk
+    assert logprobs._positions_per_chunk(None, B, T, lm_head.shape[1]) == 2
+    np.testing.assert_allclose(chunked_token_logprobs(hidden, lm_head, tokens),
+                               chunked_token_logprobs(hidden, lm_head, tokens, chunk_size=T), rtol=1e-6, atol=1e-6)
+
+
 def test_chunked_full_kl_equals_plain_values_and_gradients():
     rng, hidden, lm_head, _, weights = hidden_problem(0)
     ref_hidden = hidden + 0.5 * rng.normal(size=hidden.shape).astype(np.float32)
