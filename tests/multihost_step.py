@@ -13,7 +13,8 @@ import sys
 
 mode = sys.argv[1]
 if mode == "pair":
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=600"
+                               " --xla_cpu_collective_timeout_seconds=600")  # see sharded_equivalence.py
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402

@@ -8,7 +8,12 @@ import os
 import sys
 
 if __name__ == "__main__":  # before JAX starts; importing `run_loop` elsewhere leaves devices alone
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    # 8 fake devices share 2 cores here: a device thread can reach a collective more than XLA's
+    # default 40 s after the others, which aborts the process, so the collectives wait longer.
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (
+        " --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600"
+        " --xla_cpu_collective_timeout_seconds=600"
+    )
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
