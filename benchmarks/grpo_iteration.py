@@ -39,7 +39,7 @@ import numpy as np
 
 from benchmarks.common import (
     Result,
-    add_weights_arguments,
+    add_model_arguments,
     format_bytes,
     jax_device_peak_bytes,
     peak_rss_bytes,
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tol", type=float, help="max relative log-prob error (1e-4 fp32, 5e-2 bf16)")
     parser.add_argument("--json", help="also write the summary row here (for python -m benchmarks)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny shapes on CPU
-    add_weights_arguments(parser)
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
     args.prompts = args.prompts or (1 if args.smoke else 8 if args.gpu else 2)
     args.group = args.group or (2 if args.smoke else 8 if args.gpu else 4)
@@ -104,7 +104,7 @@ def run_config(args: argparse.Namespace, folder: str):
     P, G, N = args.prompts, args.group, args.new_tokens
     return Config(
         algorithm="grpo", seed=0,
-        model=ModelSection(source=folder, dtype=args.dtype, param_dtype="float32"),
+        model=ModelSection(source=folder, dtype=args.dtype, param_dtype="float32", attention=args.attention),
         data=DataSection(
             apply_chat_template=True, batch_size=P * G, max_prompt_len=64, max_completion_len=N,
             eval_size=1, shuffle=False,

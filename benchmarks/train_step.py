@@ -32,7 +32,7 @@ import numpy as np
 
 from benchmarks.common import (
     Result,
-    add_weights_arguments,
+    add_model_arguments,
     format_bytes,
     gpu_peaks,
     hf_model,
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tol", type=float, help="max relative loss difference (1e-4 fp32, 2e-2 bf16)")
     parser.add_argument("--json", help="also write the summary row here (for python -m benchmarks)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny random model on CPU
-    add_weights_arguments(parser)
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
     args.batch = args.batch or (2 if args.smoke else 16 if args.gpu else 4)
     args.length = args.length or (32 if args.smoke else 1024 if args.gpu else 256)
@@ -89,7 +89,7 @@ def load_ours(args: argparse.Namespace, source):
 
     if args.smoke:
         return tiny_random_pair(args.dtype, "float32")[:2]
-    loaded = load_model(source, dtype=args.dtype, param_dtype="float32")
+    loaded = load_model(source, dtype=args.dtype, param_dtype="float32", attention=args.attention)
     return loaded.config, loaded.params
 
 

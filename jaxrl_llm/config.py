@@ -22,6 +22,7 @@ import yaml
 ALGORITHMS = ("sft", "rm", "ppo", "grpo", "dpo")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")  # models.transformer's
+ATTENTION_KINDS = ("xla", "cudnn")  # models.transformer's
 POLICY_LOSSES = ("ppo", "gspo", "gspo_token", "sapo", "cispo")  # core.losses.POLICY_KINDS
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3", "full")
@@ -64,6 +65,8 @@ class ModelSection:
     dtype: Literal[DTYPES] = "float32"
     param_dtype: Literal[DTYPES] = "float32"
     remat: Literal[REMAT_POLICIES] = "none"
+    # cudnn: cuDNN flash attention for training, scoring and prefill (NVIDIA GPU, bf16/fp16 dtype)
+    attention: Literal[ATTENTION_KINDS] = "xla"
     ref_path: str | None = None  # None: the initial policy (model.source), i.e. π_SFT
     reward_model_path: str | None = None  # PPO's frozen RM (a run of configs/rm.yaml)
     # None: the policy's backbone with a fresh value head (seed design, verl); TRL and OpenRLHF
@@ -557,8 +560,14 @@ def _check_lengths(config: Config, max_positions: int | None) -> None:
 
 
 def _check_model(config: Config) -> None:
-    """The tiny model's heads group evenly; PPO has a reward model to score rollouts."""
+    """The tiny model's heads group evenly; cuDNN attention computes in half precision; PPO has a
+    reward model to score rollouts."""
     tiny = config.model.tiny
+    if config.model.attention == "cudnn" and config.model.dtype == "float32":
+        raise ConfigError(
+            "model.attention=cudnn needs half-precision compute: set model.dtype=bfloat16 (keep "
+            "model.param_dtype=float32 for fp32 master weights), or use model.attention=xla."
+        )
     if config.model.source == "tiny" and tiny.num_heads % tiny.num_kv_heads:
         raise ConfigError(
             f"model.tiny.num_heads ({tiny.num_heads}) must be a multiple of model.tiny.num_kv_heads "

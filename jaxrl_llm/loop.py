@@ -90,6 +90,12 @@ def run_mesh(config: Config):
     return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
 
+def model_numerics(config: Config) -> dict:
+    """The model section's dtype, param_dtype, remat and attention, as ModelConfig fields."""
+    m = config.model
+    return dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention)
+
+
 def load_policy(config: Config, source: str | None = None) -> Policy:
     """The starting model, its params sharded on the run's mesh: the built-in tiny decoder with a
     character tokenizer, or a loaded one."""
@@ -104,11 +110,11 @@ def load_policy(config: Config, source: str | None = None) -> Policy:
             intermediate_size=tiny.intermediate_size, num_layers=tiny.num_layers,
             num_heads=tiny.num_heads, num_kv_heads=tiny.num_kv_heads, head_dim=tiny.head_dim,
             max_position_embeddings=tiny.max_position_embeddings, tie_word_embeddings=True,
-            dtype=model.dtype, param_dtype=model.param_dtype, remat=model.remat,
+            **model_numerics(config),
         )
         params = sharding.init_sharded(model_config, stream_key(config.seed, INIT_STREAM), mesh)
         return Policy(model_config, params, tokenizer)
-    loaded = load_model(source, dtype=model.dtype, param_dtype=model.param_dtype, mesh=mesh, remat=model.remat)
+    loaded = load_model(source, mesh=mesh, **model_numerics(config))
     if loaded.tokenizer is None:
         raise TrainingError(f"{source} has no tokenizer; training needs one to encode prompts.")
     return Policy(loaded.config, loaded.params, loaded.tokenizer)
@@ -335,8 +341,7 @@ class Rollouts:
 def reward_model_function(config: Config, policy: Policy):
     """(reward model, reward function scoring prompt + completion with it at the last token)."""
     reward_model = load_scalar_model(
-        config.model.reward_model_path, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-        mesh=run_mesh(config),
+        config.model.reward_model_path, mesh=run_mesh(config), **model_numerics(config)
     )
     score = jax.jit(lambda params, tokens, mask: scalar_scores(params, reward_model.config, tokens, mask)[1])
 
@@ -381,8 +386,7 @@ def ppo_phase(config: Config, policy: Policy, train_set, eval_set) -> Phase:
     reward_model, rm_reward = reward_model_function(config, policy)
     if config.model.critic_path:
         critic = load_scalar_model(
-            config.model.critic_path, key, dtype=config.model.dtype, param_dtype=config.model.param_dtype,
-            mesh=run_mesh(config),
+            config.model.critic_path, key, mesh=run_mesh(config), **model_numerics(config)
         )
         critic_config, critic_params = critic.config, critic.params
     else:

@@ -10,6 +10,8 @@ One attention code path serves training, prefill and decoding: queries sit at ca
 `cache_index + arange(T)`, keys at slots `arange(S)`, and a key is visible when its slot is
 valid (`kv_mask_BxS`), not after the query's slot, and inside the sliding window if any.
 Without a cache S = T and `cache_index` = 0, which is plain causal attention with padding.
+With `attention="cudnn"`, the passes where S = T (training, scoring, prefill) run the same mask
+through cuDNN's flash kernel instead.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+ATTENTION_KINDS = ("xla", "cudnn")
 
 Cache = dict[str, jax.Array]  # {"k": [L,B,S,K,E], "v": [L,B,S,K,E]}
 
@@ -58,6 +61,10 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # one of REMAT_POLICIES
+    # "xla": softmax(q·kᵀ)·v as einsums, on any backend. "cudnn": cuDNN's fused flash attention
+    # for the full-sequence passes (training, scoring, prefill) on an NVIDIA GPU in bf16/fp16;
+    # decoding steps keep the einsums.
+    attention: str = "xla"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -72,6 +79,13 @@ class ModelConfig:
             )
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} is not one of {REMAT_POLICIES}.")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_KINDS}.")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise ValueError(
+                "attention 'cudnn' needs bfloat16 or float16 compute; set dtype (model.dtype) to "
+                "bfloat16, or use attention 'xla' for float32."
+            )
         if self.rope_type not in ("default", "linear", "llama3"):
             raise ValueError(
                 f"rope_type {self.rope_type!r} is not supported; use default, linear or llama3."
@@ -209,6 +223,20 @@ def _attend(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS):
     return out_BxTxKxGxE.reshape(B, T, H, E)
 
 
+def _attend_cudnn(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask_BxTxT):
+    """The same attention through cuDNN's flash kernel (GPU, bf16/fp16, keys at the query slots)."""
+    if jax.default_backend() != "gpu":
+        raise ValueError(
+            f"attention 'cudnn' runs on an NVIDIA GPU only; this backend is {jax.default_backend()!r}. "
+            "Use attention 'xla' (model.attention) here."
+        )
+    # is_causal lets the kernel skip the blocks above the diagonal; the boolean mask (padding,
+    # sliding window; a bias of large negatives in cuDNN) keeps exactly the keys `_attend` sees.
+    return jax.nn.dot_product_attention(
+        q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask=mask_BxTxT[:, None], is_causal=True, implementation="cudnn"
+    )
+
+
 class Attention(nn.Module):
     """Grouped-query attention with RoPE, optional qkv bias and q/k norm, and a KV cache."""
 
@@ -251,7 +279,12 @@ class Attention(nn.Module):
         k_BxSxKxE = nn.with_logical_constraint(k_BxSxKxE, kv_axes)
         v_BxSxKxE = nn.with_logical_constraint(v_BxSxKxE, kv_axes)
 
-        out_BxTxHxE = _attend(q_BxTxHxE, k_BxSxKxE.astype(dtype), v_BxSxKxE.astype(dtype), mask_BxTxS)
+        k_BxSxKxE, v_BxSxKxE = k_BxSxKxE.astype(dtype), v_BxSxKxE.astype(dtype)
+        # With S == T the keys sit at the query slots (no cache, or a prefill filling its cache).
+        if cfg.attention == "cudnn" and k_BxSxKxE.shape[1] == q_BxTxHxE.shape[1] > 1:
+            out_BxTxHxE = _attend_cudnn(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS)
+        else:
+            out_BxTxHxE = _attend(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS)
         out_BxTxD = Projection(
             (cfg.num_heads, cfg.head_dim, cfg.hidden_size), ("heads", "head_dim", "embed"), cfg,
             contract=2, name="o_proj",
