@@ -20,7 +20,7 @@ ON_GPU = jax.default_backend() == "gpu"
 
 
 def padded_batch(B=4, T=24, seed=0):
-    """Tokens and a mask with left padding (rows 1, 3), right padding (row 2) and both (row 3)."""
+    """Tokens and a mask: row 0 unpadded, row 1 left-padded, row 2 right-padded, row 3 both."""
     rng = np.random.default_rng(seed)
     tokens_BxT = rng.integers(0, TINY["vocab_size"], (B, T)).astype(np.int32)
     t_T = np.arange(T)
