@@ -604,6 +604,16 @@ def _check_data(config: Config) -> None:
 REWARD_MODEL = "reward_model"  # the reward function that scores with model.reward_model_path
 
 
+def _check_policy_loss(config: Config) -> None:
+    """Switches of one policy loss are not set for another, where they would be ignored."""
+    g = config.grpo
+    if g.dual_clip is not None and g.loss != "ppo":
+        raise ConfigError(
+            f"grpo.dual_clip applies to grpo.loss=ppo only; grpo.loss={g.loss} ignores it. Set "
+            "grpo.dual_clip=null, or grpo.loss=ppo."
+        )
+
+
 def _check_rewards(config: Config) -> None:
     """GRPO's reward functions resolve and their weights line up."""
     grpo = config.grpo
@@ -664,4 +674,5 @@ def validate(config: Config, max_positions: int | None = None) -> Config:
     _check_model(config)
     _check_data(config)
     _check_rewards(config)
+    _check_policy_loss(config)
     return config

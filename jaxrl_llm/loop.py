@@ -37,7 +37,7 @@ from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step, uses_reference
 from jaxrl_llm.algorithms.ppo import PPOState, make_ppo_step
 from jaxrl_llm.algorithms.rm import make_rm_eval, make_rm_step
 from jaxrl_llm.algorithms.sft import make_sft_step
-from jaxrl_llm.config import REWARD_MODEL, Config, config_to_dict, save_config, validate
+from jaxrl_llm.config import REWARD_MODEL, Config, ConfigError, config_to_dict, save_config, validate
 from jaxrl_llm.core import sft_loss
 from jaxrl_llm.models.hf import export_hf, init_scalar_params_from_lm, load_model, load_scalar_model
 from jaxrl_llm.models.transformer import ModelConfig
@@ -105,6 +105,11 @@ def load_policy(config: Config, source: str | None = None) -> Policy:
     if source == "tiny":
         tokenizer = tok.char_tokenizer()
         tiny = model.tiny
+        if tiny.vocab_size and tiny.vocab_size < len(tokenizer):
+            raise ConfigError(
+                f"model.tiny.vocab_size ({tiny.vocab_size}) is smaller than the character tokenizer's "
+                f"{len(tokenizer)} tokens; raise it or leave it unset (null) to match the tokenizer."
+            )
         model_config = ModelConfig(
             vocab_size=tiny.vocab_size or len(tokenizer), hidden_size=tiny.hidden_size,
             intermediate_size=tiny.intermediate_size, num_layers=tiny.num_layers,
@@ -271,7 +276,7 @@ class Rollouts:
         if self.reward_fn is None:  # the step scores the rollout itself (PPO's reward model)
             return out, None, {}, texts
         rows = [e for e in prompts for _ in range(sampling.n)]
-        fields = {name: [row.get(name) for row in rows] for name in rows[0] if name not in ("prompt", "prompt_ids")}
+        fields = {name: [row.get(name) for row in rows] for name in rows[0] if name != "prompt"}
         total_R, parts = self.reward_fn([row["prompt"] for row in rows], texts, **fields)
         return out, total_R, parts, texts
 
@@ -306,8 +311,10 @@ class Rollouts:
             extra_out, extra_R, _, _ = self.sample(params, more, sample_key)
             keep += [(extra_out, extra_R, i) for i in informative(np.asarray(extra_R))]
             tries += 1
-        # Too few informative groups after every try: fill with the first round's (zero-advantage) groups.
-        keep += [(out, total_R, i) for i in range(len(prompts))][: max(0, len(prompts) - len(keep))]
+        # Too few informative groups after every try: fill with the first round's tied (zero-advantage)
+        # groups, never one already kept.
+        kept_first = {i for o, _, i in keep if o is out}
+        keep += [(out, total_R, i) for i in range(len(prompts)) if i not in kept_first][: max(0, len(prompts) - len(keep))]
         keep = keep[: len(prompts)]
         rows = lambda i: slice(i * G, (i + 1) * G)
         pick = lambda field: jnp.concatenate([getattr(o, field)[rows(i)] for o, _, i in keep])
@@ -345,10 +352,12 @@ def reward_model_function(config: Config, policy: Policy):
     )
     score = jax.jit(lambda params, tokens, mask: scalar_scores(params, reward_model.config, tokens, mask)[1])
 
-    def rm_reward(prompts, completions, **fields):
-        # Scored at EOS, as the reward model was trained (`pair_batch`); bucketed to few shapes.
-        ids = [tok.prompt_ids(policy.tokenizer, q) + completion_ids(policy.tokenizer, c)
-               for q, c in zip(prompts, completions)]
+    def rm_reward(prompts, completions, prompt_ids=None, **fields):
+        # The prompt ids the policy saw (truncated by data.prompt_overflow, if at all), then the
+        # answer with EOS: scored at EOS, as the reward model was trained (`pair_batch`).
+        if prompt_ids is None:
+            prompt_ids = [tok.prompt_ids(policy.tokenizer, q) for q in prompts]
+        ids = [list(p) + completion_ids(policy.tokenizer, c) for p, c in zip(prompt_ids, completions)]
         width = data.bucket_length(max(map(len, ids)), config.data.max_prompt_len + config.data.max_completion_len + 1)
         tokens, mask = data.left_pad(ids, width, policy.tokenizer.pad_token_id)
         return np.asarray(score(reward_model.params, tokens, mask.astype(np.int32)))
@@ -459,6 +468,7 @@ def train(config: Config, policy: Policy | None = None, quiet: bool = False) -> 
     # The batch must split over the resolved data × fsdp (a -1 is only known now).
     resolved = dataclasses.replace(m, data=mesh.shape["data"], fsdp=mesh.shape["fsdp"], tensor=mesh.shape["tensor"])
     validate(dataclasses.replace(config, mesh=resolved), policy.config.max_position_embeddings)
+    _check_stop_ids(config, policy.config.vocab_size)
     if config.algorithm in ("grpo", "ppo") and config.train.sft_warmup_steps > 0:
         policy = sft_warmup(config, policy, quiet)
     if jax.process_index() == 0:
@@ -468,6 +478,16 @@ def train(config: Config, policy: Policy | None = None, quiet: bool = False) -> 
     if not eval_set:  # data.eval_size=0 holds nothing out, so there is nothing to evaluate on
         phase = dataclasses.replace(phase, evaluate=None)
     return run_phase(config, phase, policy, quiet)
+
+
+def _check_stop_ids(config: Config, vocab_size: int) -> None:
+    """sampling.stop_token_ids are ids of this model's vocabulary (checked before any training)."""
+    bad = [t for t in config.sampling.stop_token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ConfigError(
+            f"sampling.stop_token_ids {bad} are not token ids of this model (0 to {vocab_size - 1}); "
+            "a stop token outside the vocabulary could never end an answer."
+        )
 
 
 def sft_warmup(config: Config, policy: Policy, quiet: bool) -> Policy:

@@ -91,6 +91,23 @@ def test_sft_loss_is_masked_mean_nll_and_decreases(params):
     assert all(jax.tree.leaves(changed))
 
 
+def test_accumulated_metrics_equal_one_big_batch():
+    """Loss parts (`*_loss`, normalised by the whole batch) add up; `*/min` and `*/max` stay extremes."""
+    x_BxT = jnp.arange(8.0).reshape(4, 2)
+    normalizer = x_BxT.size
+
+    def loss_fn(w, mb):
+        part_loss = jnp.sum(w * mb["x"]) / normalizer
+        return part_loss, {"pg_loss": part_loss, "x/min": mb["x"].min(), "x/max": mb["x"].max(), "x/mean": mb["x"].mean()}
+
+    for m in (1, 2, 4):
+        loss, grad, metrics = common.accumulate_gradients(loss_fn, jnp.float32(1.0), {"x": x_BxT}, m)
+        np.testing.assert_allclose([loss, grad], [3.5, 3.5], rtol=1e-6)
+        np.testing.assert_allclose(
+            [metrics[k] for k in ("pg_loss", "x/min", "x/max", "x/mean")], [3.5, 0.0, 7.0, 3.5], rtol=1e-6
+        )
+
+
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
 def test_sft_microbatches_equal_one_big_batch(params, aggregation):
     batch = sequence_batch(3, B=4)
@@ -166,4 +183,5 @@ def test_rm_learns_a_token_preference():
 
     batch = preference_pairs(7)
     (_, m1), (_, m2) = step(state, batch), jax.jit(make_rm_step(config, num_microbatches=2))(state, batch)
-    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+    for name in ("loss", "reward/min", "reward/max"):  # min and max over microbatches, not means
+        np.testing.assert_allclose(m1[name], m2[name], rtol=1e-5, err_msg=name)

@@ -225,3 +225,10 @@ def test_enums_match_the_model_and_the_core_math():
     assert set(cfg.DPO_LOSSES) == set(losses.DPO_KINDS)
     assert set(losses.KL_KINDS) | {"full"} == set(cfg.KL_ESTIMATORS)
     assert cfg.REMAT_POLICIES == transformer.REMAT_POLICIES
+
+
+def test_a_switch_of_another_policy_loss_is_refused():
+    assert "grpo.dual_clip applies to grpo.loss=ppo only; grpo.loss=gspo ignores it" in error_of(
+        "grpo.loss=gspo", "grpo.dual_clip=3.0"
+    )
+    assert load_config(overrides=["grpo.dual_clip=3.0"]).grpo.dual_clip == 3.0

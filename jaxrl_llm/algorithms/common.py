@@ -192,13 +192,32 @@ def split_microbatches(batch: dict, num_microbatches: int) -> dict:
     return jax.tree.map(split, batch)
 
 
+def reduce_metrics(metrics_N: dict, summed_losses: bool = False) -> dict:
+    """Metrics stacked over microbatches or updates [N, ...] to one value each: `*/min` by min,
+    `*/max` by max, with `summed_losses` the `*_loss` terms (parts of one batch loss) by sum, the
+    rest by mean."""
+
+    def reduce(name, m_N):
+        if name.endswith("/min"):
+            return jnp.min(m_N, axis=0)
+        if name.endswith("/max"):
+            return jnp.max(m_N, axis=0)
+        if summed_losses and name.endswith("_loss"):
+            return jnp.sum(m_N, axis=0)
+        return jnp.mean(m_N, axis=0)
+
+    return {name: reduce(name, m_N) for name, m_N in metrics_N.items()}
+
+
 def accumulate_gradients(
     loss_fn: Callable[[Any, dict], tuple[jax.Array, dict]], params, batch: dict, num_microbatches: int = 1
 ):
-    """(loss, grads, metrics) summed over M microbatches with `lax.scan`; metrics are averaged.
+    """(loss, grads, metrics) summed over M microbatches with `lax.scan`; metrics combined by
+    `reduce_metrics`.
 
     `loss_fn(params, microbatch)` must normalise by the whole batch (see `core.loss_normalizer`)
-    so that the summed loss and gradients equal those of one big batch.
+    so that the summed loss and gradients equal those of one big batch; so must the `*_loss`
+    metrics it reports, which are summed like the loss.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_microbatches == 1:
@@ -214,4 +233,4 @@ def accumulate_gradients(
     (loss, grads), metrics_M = jax.lax.scan(
         one_microbatch, zeros, split_microbatches(batch, num_microbatches)
     )
-    return loss, grads, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics_M)
+    return loss, grads, reduce_metrics(metrics_M, summed_losses=True)

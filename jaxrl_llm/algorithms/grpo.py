@@ -23,6 +23,7 @@ from jaxrl_llm.algorithms.common import (
     first_scored,
     hidden_full_kl,
     policy_scores,
+    reduce_metrics,
     update_rows,
 )
 from jaxrl_llm.config import GRPOSection
@@ -137,7 +138,7 @@ def make_grpo_step(
 
         rows_UxS = update_rows(key, R, cfg.num_minibatches, cfg.num_iterations)
         policy, update_metrics = jax.lax.scan(one_update, state.policy, rows_UxS)
-        metrics.update(jax.tree.map(lambda m: jnp.mean(m, axis=0), update_metrics))
+        metrics.update(reduce_metrics(update_metrics))
         metrics.update(
             _rollout_metrics(batch["rewards"], batch["adv"], lengths_R, batch["truncated"], cfg.group_size)
         )

@@ -28,6 +28,7 @@ from jaxrl_llm.algorithms.common import (
     first_scored,
     hidden_full_kl,
     policy_scores,
+    reduce_metrics,
     scalar_scores,
     shift_right,
     update_rows,
@@ -164,7 +165,7 @@ def make_ppo_step(
             kl_coef = adaptive_kl_update(kl_coef, jnp.mean(seq_kl_R), cfg.kl_target, cfg.kl_horizon, R)
         lengths_R = mask_RxT.sum(axis=1).astype(jnp.float32)
         metrics = {
-            **jax.tree.map(lambda m: jnp.mean(m, axis=0), update_metrics),
+            **reduce_metrics(update_metrics),
             "score/mean": jnp.mean(score_R),
             "score/std": jnp.std(score_R),
             "reward/mean": jnp.mean(jnp.sum(rewards_RxT, axis=1)),
