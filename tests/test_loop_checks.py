@@ -72,3 +72,21 @@ def test_reward_model_scores_the_prompt_ids_the_policy_saw(tmp_path):
     scored = rm_reward([long], ["42"], prompt_ids=[ids])
     np.testing.assert_array_equal(scored, rm_reward(["unrelated"], ["42"], prompt_ids=[ids]))
     assert scored.shape == (1,) and np.isfinite(scored).all()
+
+
+def test_a_failed_hf_export_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    from jaxrl_llm.models import hf
+
+    policy = loop.load_policy(preset("default"))
+    export_hf(policy.params, tmp_path, policy.config, policy.tokenizer)
+    before = {name: (tmp_path / name).read_bytes() for name in ("model.safetensors", "config.json")}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf, "config_to_hf", fail)  # fails after the new weights are written
+    changed = jax.tree.map(lambda p: p + 1.0, policy.params)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(changed, tmp_path, policy.config, policy.tokenizer)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not list(tmp_path.glob(".*.partial"))

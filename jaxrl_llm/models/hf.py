@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -690,12 +691,17 @@ def export_hf(
     scalar = "head" in params
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    safetensors.numpy.save_file(
-        hf_tensors(params, config, scalar), str(folder / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    hf_config = config_to_hf(config, tokenizer, scalar)
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+    # Written beside the old files and swapped in at the end, so a failure or a kill mid-export
+    # leaves a previous export (perhaps another run's reward model) whole.
+    weights, hf_config = folder / ".model.safetensors.partial", folder / ".config.json.partial"
+    try:
+        safetensors.numpy.save_file(hf_tensors(params, config, scalar), str(weights), metadata={"format": "pt"})
+        hf_config.write_text(json.dumps(config_to_hf(config, tokenizer, scalar), indent=2))
+        os.replace(weights, folder / "model.safetensors")
+        os.replace(hf_config, folder / "config.json")
+    finally:
+        weights.unlink(missing_ok=True)
+        hf_config.unlink(missing_ok=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
         special_ids = tokenizer_lib.special_token_ids(tokenizer)
