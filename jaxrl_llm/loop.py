@@ -572,10 +572,21 @@ def run_phase(config: Config, phase: Phase, policy: Policy, quiet: bool = False)
         checkpoint.save(manager, done, state, meta(done))
     if phase.evaluate and start < t.total_steps:
         row.update(phase.evaluate(state))
+    if start >= t.total_steps:  # finished before (a resumed run, a reused warm start): keep its summary
+        row = _saved_summary(config.run_dir)
     row.update(before)
     trained = dataclasses.replace(policy, params=phase.policy_params(state))
     finish(config, trained, row, quiet)
     return RunResult(config.run_dir, trained, row)
+
+
+def _saved_summary(run_dir: str) -> dict:
+    """RUN_DIR/summary.json of an earlier run, or {}."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
 
 
 def finish(config: Config, policy: Policy, last: dict, quiet: bool) -> None:

@@ -232,7 +232,8 @@ def _inverse_cdf(w_RxC: jax.Array, u_R: jax.Array) -> jax.Array:
 def sample_tokens(logits_RxV: jax.Array, keys_R: jax.Array, config: SamplingConfig):
     """(token_R, logp_R): next tokens and their log-probs under the untruncated scaled policy."""
     # Warpers in HF's order: temperature, top-k, top-p over the renormalised top-k (keeping every
-    # token tied with the cut). Greedy scores its tokens at temperature 1.
+    # token tied with the top-p cut). Top-k keeps exactly k tokens, where HF also keeps any tied
+    # with the k-th (exact fp32 ties are rare). Greedy scores its tokens at temperature 1.
     logits_RxV = logits_RxV.astype(jnp.float32)
     if config.temperature == 0:
         token_R = jnp.argmax(logits_RxV, axis=-1).astype(jnp.int32)

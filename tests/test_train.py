@@ -85,6 +85,11 @@ def test_sft_run_leaves_its_files_and_resumes_exactly(tmp_path):
     assert [r["loss"] for r in rows(resumed.run_dir)][3:] == pytest.approx([r["loss"] for r in logged][3:], rel=1e-6)
     with pytest.raises(TrainingError, match="train.resume=true"):
         train(config("sft", tmp_path / "split", "train.total_steps=6", *common), quiet=True)
+    # Resuming a finished run (as an RL run does with its warm start) keeps its summary.
+    summary = json.loads(open(os.path.join(resumed.run_dir, "summary.json")).read())
+    assert "eval/loss" in summary and "loss" in summary
+    again = train(config("sft", tmp_path / "split", "train.total_steps=6", "train.resume=true", *common), quiet=True)
+    assert json.loads(open(os.path.join(again.run_dir, "summary.json")).read()) == summary == again.metrics
 
 
 @pytest.mark.parametrize("preset", ["sft", "grpo"])
