@@ -376,6 +376,33 @@ def config_to_dict(config) -> dict:
     return config
 
 
+# What a resumed run may change without changing what it computes (besides how long it runs).
+RESUMABLE = ("run_dir", "mesh.", "train.total_steps", "train.resume", "train.eval_every", "train.log_every",
+             "train.checkpoint_every", "train.tensorboard", "train.export_hf")
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """{"a.b": value} of nested sections."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_changes(saved: Config, config: Config) -> list[str]:
+    """`field: saved -> now` for the fields a resumed run changes that alter what it computes
+    (other algorithms' sections and RESUMABLE fields aside)."""
+    others = tuple(f"{name}." for name in ("grpo", "ppo", "dpo", "rm") if name != config.algorithm)
+    old, new = _flat(config_to_dict(saved)), _flat(config_to_dict(config))
+    return [
+        f"{name}: {old.get(name)!r} -> {new.get(name)!r}" for name in sorted(old.keys() | new.keys())
+        if old.get(name) != new.get(name) and not name.startswith(RESUMABLE + others)
+    ]
+
+
 def save_config(config: Config, path: str) -> None:
     """Write a config as YAML that `load_config` reads back equal."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -37,7 +38,9 @@ from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step, uses_reference
 from jaxrl_llm.algorithms.ppo import PPOState, make_ppo_step
 from jaxrl_llm.algorithms.rm import make_rm_eval, make_rm_step
 from jaxrl_llm.algorithms.sft import make_sft_step
-from jaxrl_llm.config import REWARD_MODEL, Config, ConfigError, config_to_dict, save_config, validate
+from jaxrl_llm.config import (
+    REWARD_MODEL, Config, ConfigError, config_to_dict, load_config, resume_changes, save_config, validate,
+)
 from jaxrl_llm.core import sft_loss
 from jaxrl_llm.models.hf import export_hf, init_scalar_params_from_lm, load_model, load_scalar_model
 from jaxrl_llm.models.transformer import ModelConfig
@@ -471,13 +474,31 @@ def train(config: Config, policy: Policy | None = None, quiet: bool = False) -> 
     _check_stop_ids(config, policy.config.vocab_size)
     if config.algorithm in ("grpo", "ppo") and config.train.sft_warmup_steps > 0:
         policy = sft_warmup(config, policy, quiet)
+    config_path = os.path.join(config.run_dir, "config.yaml")
+    if config.train.resume and os.path.exists(config_path):
+        _warn_of_changes(config_path, config)
     if jax.process_index() == 0:
-        save_config(config, os.path.join(config.run_dir, "config.yaml"))
+        save_config(config, config_path)
     train_set, eval_set = prepare_examples(config, policy.tokenizer)
     phase = PHASES[config.algorithm](config, policy, train_set, eval_set)
     if not eval_set:  # data.eval_size=0 holds nothing out, so there is nothing to evaluate on
         phase = dataclasses.replace(phase, evaluate=None)
     return run_phase(config, phase, policy, quiet)
+
+
+def _warn_of_changes(saved_path: str, config: Config) -> None:
+    """Warn when a resumed run's config differs from the one it was started with (seed, data, lr...)."""
+    try:
+        changes = resume_changes(load_config(saved_path), config)
+    except ConfigError:  # written by another version: nothing to compare field by field
+        return
+    if changes:
+        warnings.warn(
+            f"resuming {config.run_dir} with a config that differs from its saved config.yaml in "
+            f"{'; '.join(changes)}. The continued run follows the new values (data order, updates), so it "
+            "will not match a run made in one go; start a new run_dir to keep runs comparable.",
+            stacklevel=2,
+        )
 
 
 def _check_stop_ids(config: Config, vocab_size: int) -> None:

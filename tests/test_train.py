@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +79,9 @@ def test_sft_run_leaves_its_files_and_resumes_exactly(tmp_path):
     assert [r["step"] for r in logged] == list(range(6)) and "eval/loss" in logged[2]
 
     train(config("sft", tmp_path / "split", "train.total_steps=3", *common), quiet=True)
-    resumed = train(config("sft", tmp_path / "split", "train.total_steps=6", "train.resume=true", *common), quiet=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # running longer is no change worth a warning
+        resumed = train(config("sft", tmp_path / "split", "train.total_steps=6", "train.resume=true", *common), quiet=True)
     for a, b in zip(jax.tree.leaves(whole.policy.params), jax.tree.leaves(resumed.policy.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     assert [r["step"] for r in rows(resumed.run_dir)] == list(range(6))
@@ -88,7 +91,9 @@ def test_sft_run_leaves_its_files_and_resumes_exactly(tmp_path):
     # Resuming a finished run (as an RL run does with its warm start) keeps its summary.
     summary = json.loads(open(os.path.join(resumed.run_dir, "summary.json")).read())
     assert "eval/loss" in summary and "loss" in summary
-    again = train(config("sft", tmp_path / "split", "train.total_steps=6", "train.resume=true", *common), quiet=True)
+    with pytest.warns(UserWarning, match=r"differs from its saved config.yaml in optim.lr: 0.001 -> 0.0005"):
+        again = train(config("sft", tmp_path / "split", "train.total_steps=6", "train.resume=true", "optim.lr=5e-4",
+                             *common), quiet=True)
     assert json.loads(open(os.path.join(again.run_dir, "summary.json")).read()) == summary == again.metrics
 
 
