@@ -395,7 +395,7 @@ def _flat(values: dict, prefix: str = "") -> dict:
 def resume_changes(saved: Config, config: Config) -> list[str]:
     """`field: saved -> now` for the fields a resumed run changes that alter what it computes
     (other algorithms' sections and RESUMABLE fields aside)."""
-    others = tuple(f"{name}." for name in ("grpo", "ppo", "dpo", "rm") if name != config.algorithm)
+    others = tuple(f"{name}." for name in ALGORITHMS if name != config.algorithm)
     old, new = _flat(config_to_dict(saved)), _flat(config_to_dict(config))
     return [
         f"{name}: {old.get(name)!r} -> {new.get(name)!r}" for name in sorted(old.keys() | new.keys())

@@ -355,11 +355,9 @@ def reward_model_function(config: Config, policy: Policy):
     )
     score = jax.jit(lambda params, tokens, mask: scalar_scores(params, reward_model.config, tokens, mask)[1])
 
-    def rm_reward(prompts, completions, prompt_ids=None, **fields):
+    def rm_reward(prompts, completions, prompt_ids, **fields):
         # The prompt ids the policy saw (truncated by data.prompt_overflow, if at all), then the
         # answer with EOS: scored at EOS, as the reward model was trained (`pair_batch`).
-        if prompt_ids is None:
-            prompt_ids = [tok.prompt_ids(policy.tokenizer, q) for q in prompts]
         ids = [list(p) + completion_ids(policy.tokenizer, c) for p, c in zip(prompt_ids, completions)]
         width = data.bucket_length(max(map(len, ids)), config.data.max_prompt_len + config.data.max_completion_len + 1)
         tokens, mask = data.left_pad(ids, width, policy.tokenizer.pad_token_id)
