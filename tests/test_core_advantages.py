@@ -7,7 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_llm.core import adaptive_kl_update, gae, group_advantages, ppo_token_rewards, rloo_advantages, whiten
+from jaxrl_llm.core import (
+    adaptive_kl_update,
+    gae,
+    group_advantages,
+    ppo_token_rewards,
+    reinforce_plus_plus_baseline,
+    rloo_advantages,
+    whiten,
+)
 
 SEEDS = range(10)  # looped inside each test: new data on the same shapes, so no new compiles
 EAGER_SEEDS = range(4)
@@ -18,6 +26,7 @@ JITTED = {
     ppo_token_rewards: jax.jit(ppo_token_rewards),
     group_advantages: jax.jit(group_advantages, static_argnames=("group_size", "scale", "std")),
     rloo_advantages: jax.jit(rloo_advantages, static_argnames="group_size"),
+    reinforce_plus_plus_baseline: jax.jit(reinforce_plus_plus_baseline, static_argnames="group_size"),
 }
 
 
@@ -242,6 +251,41 @@ def test_rloo_matches_numpy(jit):
         for G in (2, 4) if jit else (3,):
             got = maybe_jit(rloo_advantages, jit)(rewards, group_size=G)
             np.testing.assert_allclose(got, ref_rloo(rewards, G), rtol=1e-5, atol=1e-5)
+
+
+def ref_reinforce_pp_baseline(rewards, G, mask):
+    """verl `reinforce_plus_plus_baseline`, one token at a time: r_i − mean of i's group on each valid
+    token, then (x − μ)/sqrt(σ² + 1e-8) with the mean and Bessel variance over all valid tokens."""
+    centred = [float(rewards[i]) - sum(float(r) for r in rewards[i - i % G : i - i % G + G]) / G
+               for i in range(len(rewards))]
+    values = [centred[b] for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    out = np.zeros(mask.shape)
+    for b in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            if mask[b, t]:
+                out[b, t] = (centred[b] - mean) / math.sqrt(var + 1e-8)
+    return out
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_reinforce_plus_plus_baseline_matches_numpy(jit):
+    for seed in seeds(jit):
+        rng = np.random.default_rng(seed)
+        rewards = rng.normal(size=8).astype(np.float32)
+        if seed % 2:
+            rewards = (rng.random(8) < 0.5).astype(np.float32)
+        mask = random_mask(rng, 8, 5, 1, contiguous=True)  # every answer has a token
+        got = np.asarray(maybe_jit(reinforce_plus_plus_baseline, jit)(rewards, group_size=4, mask_BxT=mask))
+        want = ref_reinforce_pp_baseline(rewards, 4, mask)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        # Invariants: zero on masked tokens, constant along each answer, token-weighted mean 0 and
+        # Bessel variance 1 (unless every centred reward ties).
+        assert np.all(got[~mask] == 0)
+        assert all(len(set(np.round(got[b][mask[b]], 6))) == 1 for b in range(8))
+        if np.ptp(want[mask]) > 0:
+            np.testing.assert_allclose([got[mask].mean(), got[mask].var(ddof=1)], [0.0, 1.0], atol=1e-4)
 
 
 def test_group_size_errors_speak_to_the_user():

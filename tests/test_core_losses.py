@@ -190,7 +190,8 @@ def ref_policy_loss(logp, old, adv, mask, kind, eps_low, eps_high, dual_clip, ta
     used_ratios, low, high, half_sq = [], 0, 0, []
     for b in range(B):
         valid = [t for t in range(T) if mask[b, t]]
-        raw_log_s = sum(min(max(logp[b, t] - old[b, t], -20.0), 20.0) for t in valid) / max(len(valid), 1)
+        # GSPO: the plain mean of the token log-ratios (no ±20 clamp), capped at 10 with no gradient beyond.
+        raw_log_s = sum(float(logp[b, t]) - float(old[b, t]) for t in valid) / max(len(valid), 1)
         s = math.exp(min(raw_log_s, 10.0))
         for t in valid:
             diff = float(logp[b, t]) - float(old[b, t])
@@ -207,11 +208,13 @@ def ref_policy_loss(logp, old, adv, mask, kind, eps_low, eps_high, dual_clip, ta
                 loss[b, t] = value
                 if kind == "ppo":
                     grad[b, t] += slope * rho * d_log_ratio
+                elif raw_log_s >= 10.0:
+                    pass  # past the cap neither GSPO kind has a gradient
                 elif kind == "gspo_token":
                     grad[b, t] += slope * s
-                elif raw_log_s < 10.0:
+                else:
                     for u in valid:  # every token's term depends on every logp of the sequence through s
-                        grad[b, u] += slope * s * (1.0 if abs(logp[b, u] - old[b, u]) < 20.0 else 0.0) / len(valid)
+                        grad[b, u] += slope * s / len(valid)
                 low += r < 1.0 - eps_low and a < 0
                 high += r > 1.0 + eps_high and a > 0
                 used_ratios.append(r)
@@ -247,7 +250,7 @@ def policy_problem(seed, shape, per_sequence_adv):
     logp = -np.abs(rng.normal(size=(B, T))).astype(np.float32)
     old = (logp + rng.normal(size=(B, T)) * 0.3).astype(np.float32)
     if seed % 3 == 2:
-        old[-1] = logp[-1] - 25.0  # exercises the ±20 log-ratio clamp and GSPO's log s ≤ 10
+        old[-1] = logp[-1] - 25.0  # exercises the ±20 token log-ratio clamp and GSPO's cap log s ≤ 10
     if per_sequence_adv:
         adv_in = rng.normal(size=B).astype(np.float32)
         adv_full = np.repeat(adv_in[:, None], T, axis=1)
@@ -335,6 +338,41 @@ def test_gspo_token_gradient_equals_gspo_with_sequence_advantages():
         np.testing.assert_allclose(v_tok, v_seq, rtol=1e-6)
         np.testing.assert_allclose(g_tok, g_seq, rtol=1e-5, atol=1e-8)
         assert np.any(np.asarray(g_seq) != 0)
+
+
+def test_gspo_takes_the_plain_mean_of_token_log_ratios():
+    """verl and the paper: one token at log-ratio 24 among three (A = -1, per-row aggregation) gives
+    log s = 8 and a loss of e^8 (a ±20 clamp first gave e^6.67), and both kinds give every token of
+    the row the same gradient."""
+    logp = jnp.asarray([[-1.0, -2.0, -0.5]], jnp.float32)
+    old = logp - jnp.asarray([[24.0, 0.0, 0.0]], jnp.float32)
+    mask = jnp.ones((1, 3))
+
+    def objective(x, kind):
+        loss, _ = policy_loss(x, old, -jnp.ones(1), mask, kind=kind)
+        return aggregate(loss, mask, "seq_mean_token_mean")
+
+    for kind in ("gspo", "gspo_token"):
+        value, grad = jax.value_and_grad(objective)(logp, kind)
+        np.testing.assert_allclose(value, math.exp(8.0), rtol=1e-5)
+        np.testing.assert_allclose(grad, np.full((1, 3), math.exp(8.0) / 3), rtol=1e-5)
+
+
+def test_gspo_kinds_agree_past_the_sequence_ratio_cap():
+    """Past log s = 10 gspo passes no gradient (s is capped), so gspo_token must not either (GSPO
+    §4.3: same gradient with sequence-level advantages); it used to pass about e^10·|A|/|o_i| a token."""
+    logp = jnp.asarray([[-1.0, -2.0, -0.5, -1.5], [-0.3, -0.2, -0.9, -1.1]], jnp.float32)
+    old = logp - jnp.asarray([[30.0, 25.0, 0.0, 0.0], [0.1, -0.1, 0.0, 0.2]], jnp.float32)  # row 0: log s = 13.75
+    mask, adv = jnp.ones((2, 4)), jnp.asarray([-1.0, 0.5])
+
+    def objective(x, kind):
+        loss, _ = policy_loss(x, old, adv, mask, kind=kind, eps_low=0.2, eps_high=0.2)
+        return aggregate(loss, mask, "seq_mean_token_mean")
+
+    (v_seq, g_seq), (v_tok, g_tok) = [jax.value_and_grad(objective)(logp, k) for k in ("gspo", "gspo_token")]
+    np.testing.assert_allclose(v_tok, v_seq, rtol=1e-6)
+    np.testing.assert_allclose(g_tok, g_seq, rtol=1e-5, atol=1e-8)
+    assert np.all(np.asarray(g_tok)[0] == 0.0) and np.any(np.asarray(g_tok)[1] != 0.0)
 
 
 def test_sapo_gradient_weight_is_sech_squared_and_one_on_policy():

@@ -5,6 +5,7 @@ from jaxrl_llm.core.advantages import (
     gae,
     group_advantages,
     ppo_token_rewards,
+    reinforce_plus_plus_baseline,
     rloo_advantages,
     whiten,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "overlong_penalty",
     "policy_loss",
     "ppo_token_rewards",
+    "reinforce_plus_plus_baseline",
     "reward_model_loss",
     "rloo_advantages",
     "sft_loss",

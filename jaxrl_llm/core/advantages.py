@@ -1,22 +1,34 @@
-"""Advantages and reward shaping: GAE, whitening, PPO token rewards, adaptive KL, group baselines (GRPO, RLOO).
+"""Advantages and reward shaping: GAE, whitening, PPO token rewards, adaptive KL, and the outcome
+estimators of critic-free RL: group baselines (GRPO), leave-one-out (RLOO), REINFORCE++-baseline.
 
 Shapes: B sequences, T completion positions, P prompts (groups), G samples per prompt (B = P·G,
 each group contiguous).
 """
 
+from __future__ import annotations
+
 import chex
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 SCALES = ("group", "batch", "none")
 STDS = ("bessel", "population")
+# Outcome-reward advantage estimators of GRPO-style training (config `grpo.advantage`).
+ESTIMATORS = ("grpo", "rloo", "reinforce_plus_plus_baseline")
+
+GAE_GAMMA, GAE_LAMBDA = 1.0, 0.95  # TRL, OpenAI; verl and OpenRLHF use λ = 1
+GROUP_STD_EPS = 1e-4  # TRL (verl 1e-6)
 
 
 def _f32(x):
     return jnp.asarray(x, jnp.float32)
 
 
-def gae(rewards_BxT, values_BxT, mask_BxT, gamma=1.0, lam=0.95):
+def gae(
+    rewards_BxT: jax.Array, values_BxT: jax.Array, mask_BxT: jax.Array, gamma: float = GAE_GAMMA,
+    lam: float = GAE_LAMBDA,
+) -> tuple[jax.Array, jax.Array]:
     """GAE (Schulman 2016): δ_t = r_t + γV_{t+1} − V_t, A_t = δ_t + γλA_{t+1}; returns (A, R = A + V).
 
     Scanned right to left (`lax.scan(reverse=True)`). Masked positions are skipped — V_{t+1} and A_{t+1}
@@ -43,7 +55,7 @@ def gae(rewards_BxT, values_BxT, mask_BxT, gamma=1.0, lam=0.95):
     return adv_BxT, jnp.where(valid_BxT, adv_BxT + v_BxT, 0.0)
 
 
-def whiten(x, mask=None, shift_mean=True, eps=1e-8):
+def whiten(x: jax.Array, mask: jax.Array | None = None, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
     """Masked whitening (x − μ)·rsqrt(σ² + eps) over valid entries, σ² Bessel-corrected (TRL, verl).
 
     `shift_mean=False` adds μ back (reward whitening). Masked entries come back as 0; with one valid
@@ -61,7 +73,10 @@ def whiten(x, mask=None, shift_mean=True, eps=1e-8):
     return out * m
 
 
-def ppo_token_rewards(score_B, kl_BxT, mask_BxT, beta, no_stop_B=None, missing_stop_penalty=0.0):
+def ppo_token_rewards(
+    score_B: jax.Array, kl_BxT: jax.Array, mask_BxT: jax.Array, beta: float | jax.Array,
+    no_stop_B: jax.Array | None = None, missing_stop_penalty: float = 0.0,
+) -> jax.Array:
     """Per-token PPO reward r_t = −β·KL_t on completion tokens, plus the RM score at the last valid token.
 
     (Ziegler 2019, InstructGPT; the seed design; verl and OpenRLHF place the score on the last valid token,
@@ -80,7 +95,9 @@ def ppo_token_rewards(score_B, kl_BxT, mask_BxT, beta, no_stop_B=None, missing_s
     return -beta * kl_BxT * m_BxT + score_B[:, None] * is_last_BxT
 
 
-def adaptive_kl_update(beta, observed_kl, target, horizon, n_steps):
+def adaptive_kl_update(
+    beta: jax.Array, observed_kl: jax.Array, target: float, horizon: int, n_steps: int
+) -> jax.Array:
     """Adaptive KL controller (Ziegler et al. 2019): e = clip(KL/target − 1, ±0.2), β ← β·(1 + e·n/horizon).
 
     `observed_kl` is the sequence-summed KL of the batch, `n_steps` the episodes in it; OpenAI used
@@ -106,7 +123,9 @@ def _grouped(rewards_B, group_size):
     return _f32(rewards_B).reshape(-1, group_size)
 
 
-def group_advantages(rewards_B, group_size, scale="group", std="bessel", eps=1e-4):
+def group_advantages(
+    rewards_B: jax.Array, group_size: int, scale: str = "group", std: str = "bessel", eps: float = GROUP_STD_EPS
+) -> jax.Array:
     """GRPO advantage A_i = (r_i − mean_group)/(std + ε) (Shao 2024), broadcast by the caller to answer i's tokens.
 
     scale: `group` std within the group (GRPO), `batch` one std over the batch (TRL `batch`), `none` no
@@ -127,7 +146,7 @@ def group_advantages(rewards_B, group_size, scale="group", std="bessel", eps=1e-
     return centered_PxG.reshape(-1)
 
 
-def rloo_advantages(rewards_B, group_size):
+def rloo_advantages(rewards_B: jax.Array, group_size: int) -> jax.Array:
     """REINFORCE leave-one-out (Kool 2019; Ahmadian 2024): A_i = r_i − mean_{j≠i} r_j within each group."""
     chex.assert_rank(rewards_B, 1)
     if group_size < 2:
@@ -135,3 +154,13 @@ def rloo_advantages(rewards_B, group_size):
     r_PxG = _grouped(rewards_B, group_size)
     others_PxG = (jnp.sum(r_PxG, axis=1, keepdims=True) - r_PxG) / (group_size - 1)
     return (r_PxG - others_PxG).reshape(-1)
+
+
+def reinforce_plus_plus_baseline(rewards_B: jax.Array, group_size: int, mask_BxT: jax.Array) -> jax.Array:
+    """REINFORCE++-baseline (Hu 2025, arXiv 2501.03262): r_i − mean_group, put on every valid token of
+    answer i, then whitened over all valid tokens of the batch [B, T] (verl
+    `reinforce_plus_plus_baseline`: token-weighted mean, Bessel-corrected variance, ε = 1e-8)."""
+    chex.assert_rank([rewards_B, mask_BxT], [1, 2])
+    r_PxG = _grouped(rewards_B, group_size)
+    centered_B = (r_PxG - jnp.mean(r_PxG, axis=1, keepdims=True)).reshape(-1)
+    return whiten(jnp.broadcast_to(centered_B[:, None], mask_BxT.shape), mask_BxT)

@@ -8,6 +8,8 @@ positions 0..T-2 with the input tokens 1..T-1). Everything is accumulated in flo
 whatever the input dtype, and `temperature` divides the logits as the sampler does.
 """
 
+from __future__ import annotations
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -78,20 +80,22 @@ def _map_chunks(fn, chunk_size, V, *xs_BxTx):
     return jax.tree.map(stitch, outs_NxBxC)
 
 
-def token_logprobs(logits_BxTxV, tokens_BxT, temperature=1.0):
+def token_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, temperature: float = 1.0) -> jax.Array:
     """log π(tokens_t) = z_t[token] − logsumexp(z_t), accumulated in float32."""
     chex.assert_rank([logits_BxTxV, tokens_BxT], [3, 2])
     chex.assert_equal_shape_prefix([logits_BxTxV, tokens_BxT], 2)
     return _logp_of(_scaled_f32(logits_BxTxV, temperature), tokens_BxT)
 
 
-def entropy(logits_BxTxV, temperature=1.0):
+def entropy(logits_BxTxV: jax.Array, temperature: float = 1.0) -> jax.Array:
     """Token entropy H_t = logsumexp(z_t) − Σ_v softmax(z_t)_v·z_{t,v}, accumulated in float32."""
     chex.assert_rank(logits_BxTxV, 3)
     return _entropy_of(_scaled_f32(logits_BxTxV, temperature))
 
 
-def full_kl(logits_BxTxV, ref_logits_BxTxV, chunk_size=None, temperature=1.0):
+def full_kl(
+    logits_BxTxV: jax.Array, ref_logits_BxTxV: jax.Array, chunk_size: int | None = None, temperature: float = 1.0
+) -> jax.Array:
     """Exact KL(π_θ(·|s_t) ‖ π_ref(·|s_t)) = Σ_v p_v·(log p_v − log q_v) per position (verl `full`), chunked."""
     chex.assert_rank([logits_BxTxV, ref_logits_BxTxV], 3)
     chex.assert_equal_shape([logits_BxTxV, ref_logits_BxTxV])
@@ -103,8 +107,9 @@ def full_kl(logits_BxTxV, ref_logits_BxTxV, chunk_size=None, temperature=1.0):
 
 
 def chunked_token_logprobs(
-    hidden_BxTxD, lm_head_DxV, tokens_BxT, chunk_size=None, with_entropy=False, temperature=1.0
-):
+    hidden_BxTxD: jax.Array, lm_head_DxV: jax.Array, tokens_BxT: jax.Array, chunk_size: int | None = None,
+    with_entropy: bool = False, temperature: float = 1.0,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """token_logprobs(hidden @ lm_head, tokens) (and entropy) without materialising [B, T, V]: peak B·C·V floats.
 
     `hidden_BxTxD` are the final-normed hidden states aligned with `tokens_BxT` (see module
@@ -123,8 +128,9 @@ def chunked_token_logprobs(
 
 
 def chunked_full_kl(
-    hidden_BxTxD, lm_head_DxV, ref_hidden_BxTxD, ref_lm_head_DxV, chunk_size=None, temperature=1.0
-):
+    hidden_BxTxD: jax.Array, lm_head_DxV: jax.Array, ref_hidden_BxTxD: jax.Array, ref_lm_head_DxV: jax.Array,
+    chunk_size: int | None = None, temperature: float = 1.0,
+) -> jax.Array:
     """full_kl(hidden @ lm_head, ref_hidden @ ref_lm_head) without materialising either [B, T, V] logits."""
     chex.assert_rank([hidden_BxTxD, lm_head_DxV, ref_hidden_BxTxD, ref_lm_head_DxV], [3, 2, 3, 2])
     chex.assert_equal_shape_prefix([hidden_BxTxD, ref_hidden_BxTxD], 2)

@@ -7,6 +7,8 @@ Per-token losses come back as [B, T] with masked positions exactly 0 and are red
 they are zeroed before any exp, so padding cannot turn into NaN.
 """
 
+from __future__ import annotations
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,14 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 KL_KINDS = ("k1", "k2", "k3")
 POLICY_KINDS = ("ppo", "gspo", "gspo_token", "sapo", "cispo")
 DPO_KINDS = ("sigmoid", "cdpo", "robust", "hinge", "ipo")
+
+# Defaults, each the paper's (and the config's, which reads them from here).
+PPO_CLIP = 0.2  # ε of PPO (Schulman 2017) and GRPO (Shao 2024)
+GSPO_CLIP = (3e-4, 4e-4)  # GSPO's sequence-ratio range (ε_low, ε_high), arXiv 2507.18071 §5.1
+SAPO_TAU = (1.0, 1.05)  # SAPO's gate temperatures (τ_pos, τ_neg), arXiv 2511.20347
+CISPO_EPS_MAX = 5.0  # CISPO's weight cap; TRL's recommendation
+VALUE_CLIP = 0.2  # ε_v (TRL, OpenAI; verl and OpenRLHF use 0.5)
+DPO_BETA = 0.1  # DPO paper, TRL
 
 LOG_RATIO_CLAMP = 20.0
 K3_CLAMP = 10.0
@@ -43,7 +53,7 @@ def _masked_min_mean_max(x_BxT, mask_BxT):
     return lo, _masked_mean(x_BxT, mask_BxT), hi
 
 
-def loss_normalizer(mask_BxT, mode="token_mean"):
+def loss_normalizer(mask_BxT: jax.Array, mode: str = "token_mean") -> jax.Array:
     """The default denominator of `aggregate`: valid tokens (token_mean), sequences with ≥1 valid token
     (seq_mean_token_mean), or all B rows (seq_mean_token_sum_norm); compute it on the global batch's
     mask and pass it to every microbatch / data shard so their sum is the one-big-batch loss."""
@@ -56,7 +66,10 @@ def loss_normalizer(mask_BxT, mode="token_mean"):
     return jnp.asarray(m_BxT.shape[0], jnp.float32)
 
 
-def aggregate(loss_BxT, mask_BxT, mode="token_mean", normalizer=None, max_len=None):
+def aggregate(
+    loss_BxT: jax.Array, mask_BxT: jax.Array, mode: str = "token_mean", normalizer: jax.Array | None = None,
+    max_len: int | None = None,
+) -> jax.Array:
     """Reduce a per-token loss to a scalar.
 
     token_mean: Σℓm / Σm (DAPO 2503.14476; TRL `dapo`, verl `token-mean`).
@@ -79,7 +92,7 @@ def aggregate(loss_BxT, mask_BxT, mode="token_mean", normalizer=None, max_len=No
     return jnp.sum(sum_B) / (loss_BxT.shape[1] if max_len is None else max_len) / normalizer
 
 
-def kl_estimate(logp_BxT, ref_logp_BxT, kind="k3"):
+def kl_estimate(logp_BxT: jax.Array, ref_logp_BxT: jax.Array, kind: str = "k3") -> jax.Array:
     """Per-token estimate of KL(π_θ ‖ π_ref) from sampled tokens, l = logp − ref_logp (Schulman 2020).
 
     k1 = l; k2 = ½l²; k3 = e^{−l} − 1 + l ≥ 0 (low-variance, unbiased). As verl: k1 and k2 are not
@@ -107,16 +120,27 @@ def _clipped_surrogate(ratio_BxT, adv_BxT, eps_low, eps_high, dual_clip):
     return loss_BxT
 
 
-def _policy_ratio(logp_BxT, log_ratio_BxT, m_BxT, kind):
-    """The importance ratio each kind uses: per token (ppo, sapo, cispo) or per sequence (gspo, gspo_token)."""
-    if kind not in ("gspo", "gspo_token"):
-        return jnp.exp(log_ratio_BxT)
+def _sequence_log_ratio(raw_log_ratio_BxT, m_BxT):
+    """GSPO's log s_i = mean_t log ρ_{i,t} over a sequence's valid tokens (unclamped, as the paper and
+    verl), and whether it passed the cap of 10 beyond which neither GSPO kind passes a gradient."""
     count_B = jnp.maximum(jnp.sum(m_BxT, axis=1), 1.0)
-    log_s_B = jnp.minimum(jnp.sum(log_ratio_BxT, axis=1) / count_B, LOG_SEQ_RATIO_MAX)
+    mean_B = jnp.sum(raw_log_ratio_BxT * m_BxT, axis=1) / count_B
+    return jnp.minimum(mean_B, LOG_SEQ_RATIO_MAX), mean_B > LOG_SEQ_RATIO_MAX
+
+
+def _policy_ratio(logp_BxT, raw_log_ratio_BxT, m_BxT, kind):
+    """The importance ratio each kind uses: per token (ppo, sapo, cispo; log ρ clamped to ±20, as verl
+    and OpenRLHF) or per sequence (gspo, gspo_token)."""
+    if kind not in ("gspo", "gspo_token"):
+        return jnp.exp(jnp.clip(raw_log_ratio_BxT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    log_s_B, capped_B = _sequence_log_ratio(raw_log_ratio_BxT, m_BxT)
     if kind == "gspo":
-        return jnp.broadcast_to(jnp.exp(log_s_B)[:, None], log_ratio_BxT.shape)
+        return jnp.broadcast_to(jnp.exp(log_s_B)[:, None], raw_log_ratio_BxT.shape)
+    # s_{i,t} = sg[s_i]·π_θ(y_t)/sg[π_θ(y_t)]; past the cap it is the constant e^10, as gspo's is (verl
+    # clamps the token expression, which has the same effect).
     sg = jax.lax.stop_gradient
-    return jnp.exp(sg(log_s_B)[:, None] + logp_BxT - sg(logp_BxT))
+    token_BxT = jnp.where(capped_B[:, None], 0.0, logp_BxT - sg(logp_BxT))
+    return jnp.exp(sg(log_s_B)[:, None] + token_BxT)
 
 
 def _surrogate(kind, ratio_BxT, adv_BxT, logp_BxT, eps_low, eps_high, dual_clip, tau_pos, tau_neg, eps_max):
@@ -134,29 +158,30 @@ def _surrogate(kind, ratio_BxT, adv_BxT, logp_BxT, eps_low, eps_high, dual_clip,
 
 
 def policy_loss(
-    logp_BxT,
-    old_logp_BxT,
-    adv,
-    mask_BxT,
-    kind="ppo",
+    logp_BxT: jax.Array,
+    old_logp_BxT: jax.Array,
+    adv: jax.Array,
+    mask_BxT: jax.Array,
+    kind: str = "ppo",
     *,
-    eps_low=None,
-    eps_high=None,
-    dual_clip=None,
-    tau_pos=1.0,
-    tau_neg=1.05,
-    eps_max=5.0,
-):
+    eps_low: float | None = None,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    tau_pos: float = SAPO_TAU[0],
+    tau_neg: float = SAPO_TAU[1],
+    eps_max: float = CISPO_EPS_MAX,
+) -> tuple[jax.Array, dict]:
     """Per-token policy-gradient loss [B, T] and metrics; `adv` is adv_BxT or adv_B (one per sequence).
 
-    ρ = exp(clip(logp − old_logp, ±20)) as verl/OpenRLHF. Kinds (loss to minimise):
+    Token kinds use ρ = exp(clip(logp − old_logp, ±20)) as verl/OpenRLHF. Kinds (loss to minimise):
     ppo: max(−Aρ, −A·clip(ρ, 1−ε_low, 1+ε_high)) (PPO, Schulman 2017; clip-higher ε_high > ε_low from
         DAPO 2503.14476); ε defaults 0.2/ε_low; `dual_clip` c caps the loss at −A·c where A < 0 (verl).
-    gspo: the same clip on s_i = exp(mean_t log ρ_{i,t}) (GSPO 2507.18071), ε defaults 3e-4/4e-4, log s_i
-        capped at 10 (verl); the sequence term is repeated on each of its valid tokens, so aggregate with
+    gspo: the same clip on s_i = exp(mean_t log ρ_{i,t}) (GSPO 2507.18071), ε defaults 3e-4/4e-4; the
+        mean is of the unclamped token log-ratios (the paper, verl), log s_i capped at 10 (verl) with no
+        gradient beyond; the sequence term is repeated on each of its valid tokens, so aggregate with
         seq_mean_token_mean to get the paper's (1/G)·Σ_i term_i.
     gspo_token: s_{i,t} = sg[s_i]·exp(logp_t − sg[logp_t]) (GSPO 2507.18071); same value and, with A
-        constant per sequence, the same gradient as gspo.
+        constant per sequence, the same gradient as gspo (§4.3), the cap included.
     sapo: −(4/τ)·σ(τ(ρ − 1))·A, τ = τ_pos if A > 0 else τ_neg (SAPO 2511.20347); no hard clip.
     cispo: −sg[min(ρ, ε_max)]·A·logp (CISPO, MiniMax-M1 2025; cap as TRL).
     Metrics over valid tokens: clipfrac/low (ratio below 1−ε_low with A < 0), clipfrac/high (above
@@ -172,12 +197,14 @@ def policy_loss(
     old_logp_BxT = jnp.where(valid_BxT, _f32(old_logp_BxT), 0.0)
     adv = _f32(adv)
     adv_BxT = jnp.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, logp_BxT.shape)
-    log_ratio_BxT = jnp.clip(logp_BxT - jax.lax.stop_gradient(old_logp_BxT), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio_BxT = _policy_ratio(logp_BxT, log_ratio_BxT, m_BxT, kind)
+    ratio_BxT = _policy_ratio(logp_BxT, logp_BxT - jax.lax.stop_gradient(old_logp_BxT), m_BxT, kind)
 
-    sequence_level = kind in ("gspo", "gspo_token")
-    eps_low = (3e-4 if sequence_level else 0.2) if eps_low is None else eps_low
-    eps_high = (4e-4 if sequence_level else eps_low) if eps_high is None else eps_high
+    if kind in ("gspo", "gspo_token"):
+        eps_low = GSPO_CLIP[0] if eps_low is None else eps_low
+        eps_high = GSPO_CLIP[1] if eps_high is None else eps_high
+    else:
+        eps_low = PPO_CLIP if eps_low is None else eps_low
+        eps_high = eps_low if eps_high is None else eps_high
     loss_BxT, low_BxT, high_BxT = _surrogate(
         kind, ratio_BxT, adv_BxT, logp_BxT, eps_low, eps_high, dual_clip, tau_pos, tau_neg, eps_max
     )
@@ -196,7 +223,10 @@ def policy_loss(
     return loss_BxT * m_BxT, metrics
 
 
-def value_loss(values_BxT, old_values_BxT, returns_BxT, mask_BxT, clip_eps=0.2):
+def value_loss(
+    values_BxT: jax.Array, old_values_BxT: jax.Array, returns_BxT: jax.Array, mask_BxT: jax.Array,
+    clip_eps: float | None = VALUE_CLIP,
+) -> tuple[jax.Array, dict]:
     """Per-token ½·max((V − R)², (clip(V, V_old ± ε_v) − R)²) and its clip fraction (PPO, Schulman 2017).
 
     ε_v = 0.2 as TRL and OpenAI (verl and OpenRLHF use 0.5); `clip_eps=None` gives the seed
@@ -217,7 +247,10 @@ def value_loss(values_BxT, old_values_BxT, returns_BxT, mask_BxT, clip_eps=0.2):
     return loss_BxT, {"value_clipfrac": _masked_mean(clipped_BxT > unclipped_BxT, m_BxT)}
 
 
-def entropy_bonus(entropy_BxT, mask_BxT, coef, mode="token_mean", normalizer=None):
+def entropy_bonus(
+    entropy_BxT: jax.Array, mask_BxT: jax.Array, coef: float, mode: str = "token_mean",
+    normalizer: jax.Array | None = None,
+) -> jax.Array:
     """The loss term −c·agg(H) that rewards exploration (PPO, Schulman 2017; off by default everywhere)."""
     return -coef * aggregate(_f32(entropy_BxT), mask_BxT, mode, normalizer)
 
@@ -232,16 +265,16 @@ def _dpo_metrics(chosen_B, rejected_B):
 
 
 def dpo_loss(
-    policy_chosen_logp_B,
-    policy_rejected_logp_B,
-    ref_chosen_logp_B,
-    ref_rejected_logp_B,
-    beta=0.1,
-    kind="sigmoid",
-    label_smoothing=0.0,
-    chosen_len_B=None,
-    rejected_len_B=None,
-):
+    policy_chosen_logp_B: jax.Array,
+    policy_rejected_logp_B: jax.Array,
+    ref_chosen_logp_B: jax.Array,
+    ref_rejected_logp_B: jax.Array,
+    beta: float = DPO_BETA,
+    kind: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_len_B: jax.Array | None = None,
+    rejected_len_B: jax.Array | None = None,
+) -> tuple[jax.Array, dict]:
     """Per-pair loss [B] and metrics; h = β·Δ, Δ = (logπ − logπ_ref)(y_w) − (logπ − logπ_ref)(y_l).
 
     sigmoid: −log σ(h) (DPO, Rafailov 2023); with label smoothing ε it is cdpo:
@@ -279,7 +312,9 @@ def dpo_loss(
     return loss_B, _dpo_metrics(sg(beta * chosen_B), sg(beta * rejected_B))
 
 
-def reward_model_loss(r_chosen_B, r_rejected_B, margin_B=None, center_coef=0.0):
+def reward_model_loss(
+    r_chosen_B: jax.Array, r_rejected_B: jax.Array, margin_B: jax.Array | None = None, center_coef: float = 0.0
+) -> tuple[jax.Array, dict]:
     """Per-pair Bradley–Terry loss −log σ(r_w − r_l − margin) + c·(r_w + r_l)² [B] and metrics (InstructGPT,
     Ouyang 2022; margin from Llama 2, Touvron 2023; centering c ≈ 0.01 from TRL, off by default)."""
     chex.assert_equal_shape([r_chosen_B, r_rejected_B])
@@ -298,12 +333,14 @@ def reward_model_loss(r_chosen_B, r_rejected_B, margin_B=None, center_coef=0.0):
     return loss_B, metrics
 
 
-def sft_loss(logp_BxT, mask_BxT, mode="token_mean", normalizer=None):
+def sft_loss(
+    logp_BxT: jax.Array, mask_BxT: jax.Array, mode: str = "token_mean", normalizer: jax.Array | None = None
+) -> jax.Array:
     """Masked next-token NLL −agg(log π(y_t)) over answer tokens (prompt tokens masked out)."""
     return aggregate(-_f32(logp_BxT), mask_BxT, mode, normalizer)
 
 
-def overlong_penalty(lengths_B, max_len, buffer_len):
+def overlong_penalty(lengths_B: jax.Array, max_len: int, buffer_len: int) -> jax.Array:
     """DAPO soft overlong punishment (2503.14476), in tokens: 0 if L ≤ L_max − L_buf, (L_max − L_buf − L)/L_buf
     up to L_max (reaching −1), −1 beyond."""
     if buffer_len <= 0:
