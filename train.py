@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 
+from jaxrl_llm import cli
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(HERE, "configs")
 
@@ -17,9 +19,11 @@ def presets() -> list[str]:
 
 
 def main(argv=None) -> int:
+    from jaxrl_llm.run.registry import ALGORITHMS
+
     parser = argparse.ArgumentParser(
         description="jaxrl_llm post-training: SFT, RM, PPO, GRPO (+DAPO/GSPO/SAPO/Dr. GRPO), DPO.",
-        epilog="algorithms: sft, rm, ppo, grpo, dpo (config key `algorithm`)\n"
+        epilog=f"algorithms: {', '.join(ALGORITHMS)} (config key `algorithm`)\n"
                f"presets in configs/: {', '.join(presets())}\n"
                "examples:\n  python train.py\n  python train.py --config configs/dapo.yaml train.total_steps=50\n"
                "  python train.py --config configs/sft.yaml optim.lr=3e-4 run_dir=runs/my_sft",
@@ -30,23 +34,13 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     args = parser.parse_args(argv)
 
-    from jaxrl_llm.config import ConfigError, load_config
-    from jaxrl_llm.data import DataError
-    from jaxrl_llm.loop import TrainingError, train
-    from jaxrl_llm.models.hf import ModelLoadError
-    from jaxrl_llm.rewards import RewardError
-    from jaxrl_llm.sharding import ShardingError
-    from jaxrl_llm.tokenizer import TokenizerError
+    def run_training():
+        from jaxrl_llm.config import load_config
+        from jaxrl_llm.run import train
 
-    try:
         train(load_config(args.config, args.overrides))
-    except (ConfigError, DataError, FileNotFoundError, ModelLoadError, RewardError, ShardingError,
-            TokenizerError, TrainingError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+
+    return cli.run(run_training)
 
 
 if __name__ == "__main__":

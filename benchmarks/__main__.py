@@ -101,7 +101,8 @@ def goal_text(name: str, gpu: bool, result: Result | str) -> str:
     """The issue's goal for this row and whether the run met it."""
     if name == "train_step" and gpu:
         mfu = getattr(result, "mfu", None)
-        return f"MFU ≥ {MFU_GOAL:.0%}" + ("" if mfu is None else f": {mfu:.0%}, {'met' if mfu >= MFU_GOAL else 'not met'}")
+        verdict = "" if mfu is None else f": {mfu:.0%}, {'met' if mfu >= MFU_GOAL else 'not met'}"
+        return f"MFU ≥ {MFU_GOAL:.0%}" + verdict
     goal = GOALS.get((name, gpu))
     if goal is None or isinstance(result, str):
         return f"≥ {goal:g}×" if goal else "-"

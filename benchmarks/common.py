@@ -205,7 +205,7 @@ def smollm2_source(folder: str, args) -> Path:
         return gguf
     import jax
 
-    from jaxrl_llm.models.hf import export_hf
+    from jaxrl_llm.models.load import export_hf
     from jaxrl_llm.models.transformer import ModelConfig, init_params
     from jaxrl_llm.tokenizer import load_tokenizer
 
@@ -234,7 +234,7 @@ def tiny_random_pair(dtype: str = "float32", param_dtype: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from jaxrl_llm.models.hf import export_hf
+    from jaxrl_llm.models.load import export_hf
     from jaxrl_llm.models.transformer import ModelConfig, init_params
 
     config = ModelConfig(

@@ -38,6 +38,7 @@ from benchmarks.common import (
     write_result,
 )
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true", help="bf16 on the GPU, bigger default shapes")
@@ -70,7 +71,7 @@ def make_batch(batch: int, length: int, vocab: int, seed: int = 0) -> tuple[np.n
 
 def prepare_ours(config, params, tokens_BxT, mask_BxT) -> tuple[Callable[[], object], float]:
     """Our compiled forward as a blocking call, and its compile seconds."""
-    from jaxrl_llm.models.hf import forward
+    from jaxrl_llm.models.load import forward
     from jaxrl_llm.models.transformer import Transformer
 
     start = time.perf_counter()
@@ -125,7 +126,7 @@ def load_both(args: argparse.Namespace):
     import jax
     import torch
 
-    from jaxrl_llm.models.hf import load_model
+    from jaxrl_llm.models.load import load_model
 
     if args.device == "cuda" and jax.default_backend() != "gpu":
         sys.exit(f"--gpu: JAX sees no GPU (backend {jax.default_backend()!r}).")

@@ -44,6 +44,7 @@ from benchmarks.common import (
     write_result,
 )
 
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true", help="bf16 on the GPU, bigger default shapes")
@@ -70,7 +71,7 @@ def load_models(args):
     """(our ModelConfig, our params, transformers' model) holding the same weights."""
     import torch
 
-    from jaxrl_llm.models.hf import load_model
+    from jaxrl_llm.models.load import load_model
 
     if args.smoke:
         config, params, hf = tiny_random_pair(args.dtype)
@@ -192,6 +193,7 @@ def measure(args: argparse.Namespace) -> Result:
     import jax
     import torch
 
+    from jaxrl_llm.padding import Bucketing
     from jaxrl_llm.sampling import SamplingConfig
 
     if args.device == "cuda" and jax.default_backend() != "gpu":
@@ -204,7 +206,7 @@ def measure(args: argparse.Namespace) -> Result:
     if greedy_check(config, params, hf, tokens_BxP, args.check_tokens) < 1 and args.dtype == "float32":
         sys.exit("fp32 greedy tokens differ from transformers'; not reporting speed.")
 
-    sampling = SamplingConfig(max_new_tokens=N, temperature=1.0, bucket_size=P)
+    sampling = SamplingConfig(max_new_tokens=N, temperature=1.0, bucketing=Bucketing("multiple", P))
     run, compile_s, plan = ours_sampler(config, params, tokens_BxP, sampling)
     seeds = iter(range(1, 10**6))
     _, ours_before, ours_peak = cpu_peak_during(lambda: run(0))

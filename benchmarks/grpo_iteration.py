@@ -14,10 +14,11 @@ loss, group-normalised advantages (Bessel std), one policy update per iteration,
 betas 0.9/0.999, eps 1e-8, no weight decay), global-norm clipping at 1.0, constant lr.
 
 Generation is forced to exactly N tokens a sample on both sides so that both do the same work: ours
-samples with no stop token, TRL's transformers `generate` gets min_new_tokens = N (EOS cannot be
-sampled before N). An iteration is, for ours, `Rollouts.batch` (jitted KV-cache `generate`,
-decode, reward) then the jitted `make_grpo_step` (reference log-probs, advantages, loss,
-AdamW); for TRL, one `GRPOTrainer` optimizer step (transformers `generate`, decode, reward,
+samples with `sampling.ignore_eos`, TRL's transformers `generate` gets min_new_tokens = N (EOS
+cannot be sampled before N). An iteration is, for ours, one step of the GRPO phase the trainer runs
+(`run.phases.grpo_phase`, placed and jitted by `run.loop.compiled`): the phase's batch (jitted
+KV-cache `generate`, decode, reward) then its jitted step (reference log-probs, advantages,
+loss, AdamW); for TRL, one `GRPOTrainer` optimizer step (transformers `generate`, decode, reward,
 reference log-probs, loss, backward, AdamW), timed from its `on_step_begin` to its `on_step_end`
 callback. The two alternate: after each TRL step, the callback runs one of ours on the same
 prompts. The first iteration of each is a warm-up (ours compiles in it); the medians of the rest
@@ -28,7 +29,6 @@ after: each side's prompts per iteration and generated token counts.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import os
 import sys
@@ -95,10 +95,20 @@ def recorded(log: list[dict]):
     return shaped
 
 
+OURS_LOG: list[dict] = []  # run_config names this very module (`__main__` under python -m), so the reward logs here
+ours_reward = recorded(OURS_LOG)
+
+
 def run_config(args: argparse.Namespace, folder: str):
-    """Our run configuration: the settings the module docstring lists."""
+    """Our run configuration: the settings the module docstring lists; the reward is `ours_reward`."""
     from jaxrl_llm.config import (
-        Config, DataSection, GRPOSection, ModelSection, OptimSection, SamplingSection, SyntheticSection,
+        Config,
+        DataSection,
+        GRPOSection,
+        ModelSection,
+        OptimSection,
+        SamplingSection,
+        SyntheticSection,
     )
 
     P, G, N = args.prompts, args.group, args.new_tokens
@@ -107,56 +117,46 @@ def run_config(args: argparse.Namespace, folder: str):
         model=ModelSection(source=folder, dtype=args.dtype, param_dtype="float32", attention=args.attention),
         data=DataSection(
             apply_chat_template=True, batch_size=P * G, max_prompt_len=64, max_completion_len=N,
-            eval_size=1, shuffle=False,
+            eval_size=1, shuffle=False, bucket="multiple", bucket_size=8,  # near TRL's pad-to-the-longest
             synthetic=SyntheticSection(num_examples=P * (args.repeats + 1) + 1, digits=1),
         ),
         optim=OptimSection(lr=LR, weight_decay=0.0, grad_clip=1.0),
-        # Prompts padded to a multiple of 8 tokens, near TRL's pad-to-the-longest.
-        sampling=SamplingSection(temperature=1.0, prompt_bucket="multiple", prompt_bucket_size=8),
+        sampling=SamplingSection(temperature=1.0, ignore_eos=True),
         grpo=GRPOSection(
             group_size=G, loss="ppo", eps_low=EPS_CLIP, eps_high=EPS_CLIP, aggregation="seq_mean_token_mean",
             adv_scaling="group", std="bessel", kl_coef=BETA, kl_estimator="k3", kl_placement="loss",
-            num_iterations=1, num_minibatches=1, reward_functions=("shaped",),
+            num_iterations=1, num_minibatches=1, reward_functions=(f"{__name__}:ours_reward",),
         ),
     )
 
 
 class Ours:
-    """Our GRPO iteration through the library: `Rollouts.batch`, then the jitted `make_grpo_step`."""
+    """Our GRPO iteration: a step of the GRPO phase exactly as `train.py` runs it."""
 
-    def __init__(self, config, log: list[dict]):
+    def __init__(self, config):
         import jax
 
-        from jaxrl_llm import loop, rewards
-        from jaxrl_llm.algorithms.common import make_optimizer
-        from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step
-        from jaxrl_llm.state import TrainState
+        from jaxrl_llm.run.examples import prepare_examples
+        from jaxrl_llm.run.keys import STEP, stream_key
+        from jaxrl_llm.run.loop import compiled
+        from jaxrl_llm.run.phases import grpo_phase
+        from jaxrl_llm.run.policy import load_policy
 
-        self.policy = loop.load_policy(config)
-        self.examples, _ = loop.prepare_examples(config, self.policy.tokenizer)
-        reward = rewards.combine(["shaped"], None, {"shaped": recorded(log)})
-        self.rollouts = loop.Rollouts(config, self.policy, self.examples, config.grpo.group_size, reward)
-        # Fixed-length rows, as TRL's min_new_tokens gives: no stop token ends a sample early.
-        self.rollouts.sampling = dataclasses.replace(self.rollouts.sampling, stop_token_ids=())
-        o = config.optim
-        tx = make_optimizer(o.lr, 1000, o.schedule, o.warmup_steps, o.weight_decay, o.b1, o.b2, o.eps, o.grad_clip)
-        self.state = GRPOState(
-            policy=TrainState.create(self.policy.params, tx), ref_params=loop.reference_params(config, self.policy)
-        )
-        g = config.grpo
-        self.step_fn = jax.jit(
-            make_grpo_step(self.policy.config, g, config.sampling.temperature, 1, config.data.max_completion_len),
-            donate_argnums=0,
-        )
-        self.key = jax.random.key(config.seed)
+        self.policy = load_policy(config)
+        self.examples, eval_set = prepare_examples(config, self.policy.tokenizer, ("prompt",))
+        phase = grpo_phase(config, self.policy, self.examples, eval_set)
+        self.state, self.step_fn = compiled(config, phase, self.policy)
+        self.make_batch = phase.make_batch
+        self.key = stream_key(config.seed, STEP)
+        self.fold_in = jax.random.fold_in
         self.tokens, self.generation_s = [], []
 
     def iteration(self, step: int) -> dict:
         """One full iteration on the prompts of `step`; returns its metrics on the host."""
         import jax
 
-        batch, host = self.rollouts.batch(self.state.policy.params, step)
-        self.state, metrics = self.step_fn(self.state, batch, jax.random.fold_in(self.key, step))
+        batch, host = self.make_batch(self.state, step)
+        self.state, metrics = self.step_fn(self.state, batch, self.fold_in(self.key, step))
         self.tokens.append(int(host["tokens/generated"]))
         self.generation_s.append(host["time/generation"])
         return jax.device_get(metrics)
@@ -267,7 +267,7 @@ def measure(args: argparse.Namespace) -> Result:
         sys.exit(f"--gpu: JAX sees no GPU (backend {jax.default_backend()!r}).")
     import trl
 
-    from jaxrl_llm.models.hf import export_hf, load_model
+    from jaxrl_llm.models.load import export_hf, load_model
 
     torch.set_num_threads(os.cpu_count())
     P, G, N = args.prompts, args.group, args.new_tokens
@@ -278,8 +278,9 @@ def measure(args: argparse.Namespace) -> Result:
         elif not (source / "tokenizer.json").is_file():
             sys.exit("--random-weights needs a tokenizer here: pass --tokenizer (an HF folder or .gguf)")
         AutoModelForCausalLM.from_pretrained(folder)  # fail here, not inside TRL, if transformers cannot read it
-        ours_log, trl_log = [], []
-        ours = Ours(run_config(args, folder), ours_log)
+        ours_log, trl_log = OURS_LOG, []
+        ours_log.clear()
+        ours = Ours(run_config(args, folder))
         trainer = trl_trainer(args, folder, ours.examples, trl_log, out_dir)
         check_same_start(ours, trainer, args)
         timer = interleaved_callback(ours, args)
@@ -306,11 +307,11 @@ def measure(args: argparse.Namespace) -> Result:
          ["TRL GRPOTrainer", f"{first['trl']:.2f}", f"{seconds['trl']:.2f}", args.repeats, memory[1]]],
     )
     notes = (
-        f"ours: {generation:.2f} s of the median iteration in Rollouts.batch (generation + reward), "
-        "the rest in the jitted step (reference log-probs, update)",
+        f"ours: {generation:.2f} s of the median iteration in the phase's batch (generation + reward), "
+        "the rest in its jitted step (reference log-probs, update)",
         "with one update per rollout neither side scores old log-probs separately: both reuse the "
         "policy's detached log-probs",
-        "fixed length on both sides: ours samples without a stop token, TRL's generate gets min_new_tokens = N",
+        "fixed length on both sides: ours samples with sampling.ignore_eos, TRL's generate gets min_new_tokens = N",
         "ours pads prompts to a multiple of 8 tokens (TRL to the longest prompt); "
         "its compile time is the first iteration minus the median",
     )

@@ -85,7 +85,7 @@ def make_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict[str, 
 
 def load_ours(args: argparse.Namespace, source):
     """(our ModelConfig, params) of SmolLM2 from `source`: fp32 storage, `args.dtype` compute."""
-    from jaxrl_llm.models.hf import load_model
+    from jaxrl_llm.models.load import load_model
 
     if args.smoke:
         return tiny_random_pair(args.dtype, "float32")[:2]
@@ -104,15 +104,15 @@ def ours_step(config, params, batch: dict):
     """(fn() -> loss of the step it runs, compile seconds): our SFT step, jitted, state donated."""
     import jax
 
-    from jaxrl_llm.algorithms.common import make_optimizer
+    from jaxrl_llm.algorithms.batches import SequenceBatch
     from jaxrl_llm.algorithms.sft import make_sft_step
-    from jaxrl_llm.state import TrainState
+    from jaxrl_llm.state import TrainState, make_optimizer
 
     h = HYPER
     tx = make_optimizer(h["lr"], 1000, b1=h["b1"], b2=h["b2"], eps=h["eps"],
                         weight_decay=h["weight_decay"], grad_clip=h["grad_clip"])
     state = [TrainState.create(params, tx)]
-    batch = jax.device_put(batch)
+    batch = jax.device_put(SequenceBatch(batch["tokens"], batch["mask"], batch["completion_mask"]))
     key = jax.random.key(0)
     start = time.perf_counter()
     compiled = jax.jit(make_sft_step(config), donate_argnums=0).lower(state[0], batch, key).compile()
@@ -211,7 +211,8 @@ def measure(args: argparse.Namespace, source=None) -> Result:
         torch.cuda.reset_peak_memory_stats()
     ours, first_ours, compile_s, ours_memory = footprint(setup_ours, args, jax_device_peak_bytes)
     theirs, first_theirs, _, torch_memory = footprint(
-        lambda: (torch_step(load_torch(args, source), loaded["batch"], args), None), args, torch.cuda.max_memory_allocated
+        lambda: (torch_step(load_torch(args, source), loaded["batch"], args), None), args,
+        torch.cuda.max_memory_allocated,
     )
     config, num_params = loaded["ours"][0], loaded["params"]
     where = "GPU" if args.device == "cuda" else f"CPU ({os.cpu_count()} threads)"

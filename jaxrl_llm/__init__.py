@@ -9,13 +9,15 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_model": "jaxrl_llm.models.hf",
-    "export_hf": "jaxrl_llm.models.hf",
-    "LoadedModel": "jaxrl_llm.models.hf",
-    "load_scalar_model": "jaxrl_llm.models.hf",
+    "load_model": "jaxrl_llm.models.load",
+    "export_hf": "jaxrl_llm.models.load",
+    "LoadedModel": "jaxrl_llm.models.load",
+    "load_scalar_model": "jaxrl_llm.models.load",
     "ModelConfig": "jaxrl_llm.models.transformer",
     "generate": "jaxrl_llm.sampling",
     "SamplingConfig": "jaxrl_llm.sampling",
+    "load_config": "jaxrl_llm.config",
+    "train": "jaxrl_llm.run",
     "core": "jaxrl_llm.core",
 }
 

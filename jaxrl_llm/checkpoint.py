@@ -8,11 +8,23 @@ never leaves a half-written checkpoint behind as the latest one.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class _QuietWait(logging.Filter):
+    """Drops orbax's "Waiting for previous save to complete took N s": `save` waits for every
+    checkpoint to reach the disk, and orbax counts that wait again at the next save."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Waiting for previous save")
+
+
+logging.getLogger("absl").addFilter(_QuietWait())
 
 
 def checkpoint_manager(directory: str, keep: int = 3) -> ocp.CheckpointManager:

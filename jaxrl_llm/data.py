@@ -1,43 +1,37 @@
-"""Datasets: JSONL and HF `datasets` loading, built-in synthetic tasks, deterministic batching, padding.
+"""Datasets: JSONL and HF `datasets` loading, built-in synthetic tasks, deterministic batching.
 
 Examples are dicts with canonical field names (a file's own names map to them through
-`data.*_field`); each algorithm needs:
-  sft        prompt + completion, or messages (the final assistant turn is the completion)
-  rm, dpo    prompt, chosen, rejected
-  grpo, ppo  prompt
-Every other field (e.g. `answer`) rides along and reaches the reward functions as a keyword
-argument. A prompt is a string or a list of chat messages ({"role", "content"}); completions,
-chosen and rejected are strings.
-
-Shape letters: B examples, P prompt length, C completion length, T = P + C.
+`data.*_field`); each algorithm names the fields it needs (`run.registry`): prompt and
+completion (or messages, whose final assistant turn is the completion) for SFT; prompt, chosen
+and rejected for preference pairs; a prompt for RL. Every other field (e.g. `answer`) rides along
+and reaches the reward functions as a keyword argument. A prompt is a string or a list of chat
+messages ({"role", "content"}); completions, chosen and rejected are strings.
 """
 
-import itertools
+from __future__ import annotations
+
 import json
 import operator
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from jaxrl_llm.config import OPERATORS, SYNTHETIC_TASKS, DataSection
+from jaxrl_llm.errors import DataError
+from jaxrl_llm.rewards import count_target
 
-REQUIRED_FIELDS = {
-    "sft": ("prompt", "completion"),
-    "rm": ("prompt", "chosen", "rejected"),
-    "dpo": ("prompt", "chosen", "rejected"),
-    "grpo": ("prompt",),
-    "ppo": ("prompt",),
-}
 CANONICAL_FIELDS = {name: name for name in ("prompt", "completion", "messages", "chosen", "rejected")}
+OPERATORS = ("+", "-", "*")
+PROMPT_OVERFLOW = ("error", "truncate", "skip")  # what `fit_prompt` does with a prompt over budget
+# Built-in synthetic tasks and the fields their examples carry.
+TASK_FIELDS = {
+    "arithmetic": ("prompt", "completion", "answer"),
+    "preference": ("prompt", "chosen", "rejected", "completion", "preference_target"),
+}
 
 Tokenize = Callable[[str | list], list[int]]
 
 
-class DataError(ValueError):
-    """Bad data; the message names the file, the line or example, and the fix."""
-
-
-def field_map(data: DataSection) -> dict[str, str]:
+def field_map(data) -> dict[str, str]:
     """Canonical field name -> the name the data files use."""
     return {name: getattr(data, f"{name}_field") for name in CANONICAL_FIELDS}
 
@@ -65,9 +59,9 @@ def _split_messages(row: dict, where: str, fields: dict) -> dict:
     return {**row, "prompt": messages[:-1], "completion": messages[-1]["content"]}
 
 
-def _check_types(row: dict, algorithm: str, where: str, fields: dict) -> None:
+def _check_types(row: dict, required: Sequence[str], where: str, fields: dict) -> None:
     """Prompts are text or messages; completions, chosen and rejected are text."""
-    for name in REQUIRED_FIELDS[algorithm]:
+    for name in required:
         value = row[name]
         if name == "prompt" and not (isinstance(value, str) or _is_messages(value)):
             raise DataError(
@@ -78,37 +72,39 @@ def _check_types(row: dict, algorithm: str, where: str, fields: dict) -> None:
             raise DataError(f"{where}: field {fields[name]!r} must be a string, got {type(value).__name__}.")
 
 
-def normalize(raw, algorithm: str, fields: dict | None = None, where: str = "example", chat: bool = False) -> dict:
-    """One raw record as an example with canonical field names, checked for what `algorithm` needs."""
+def normalize(
+    raw, required: Sequence[str], fields: dict | None = None, where: str = "example", chat: bool = False
+) -> dict:
+    """One raw record as an example with canonical field names, checked for the `required` ones."""
     fields = fields or CANONICAL_FIELDS
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(raw).__name__}.")
     canonical = {name: key for key, name in fields.items()}
     # A canonical name the config maps elsewhere (prompt_field: question) is not read from its own key.
     row = {canonical.get(key, key): value for key, value in raw.items() if key in canonical or key not in fields}
-    if algorithm == "sft" and "prompt" not in row and "messages" in row:
+    conversation = "completion" in required and "prompt" not in row and "messages" in row
+    if conversation:
         row = _split_messages(row, where, fields)
-    required = REQUIRED_FIELDS[algorithm]
     missing = [name for name in required if name not in row]
     if missing:
-        alternative = f" (or {fields['messages']!r})" if algorithm == "sft" else ""
+        alternative = f" (or {fields['messages']!r})" if "completion" in required else ""
         raise DataError(
-            f"{where}: missing field {fields[missing[0]]!r}; {algorithm} examples need "
-            f"{', '.join(fields[name] for name in required)}{alternative}. If your data calls it something "
-            f"else, set data.{missing[0]}_field."
+            f"{where}: missing field {fields.get(missing[0], missing[0])!r}; these examples need "
+            f"{', '.join(fields.get(name, name) for name in required)}{alternative}. If your data calls it "
+            f"something else, set data.{missing[0]}_field."
         )
-    _check_types(row, algorithm, where, fields)
+    _check_types(row, required, where, fields)
     return {**row, "prompt": as_chat(row["prompt"])} if chat else row
 
 
-def load_jsonl(path: str, algorithm: str, fields: dict | None = None, chat: bool = False) -> list[dict]:
+def load_jsonl(path: str, required: Sequence[str], fields: dict | None = None, chat: bool = False) -> list[dict]:
     """Examples from a JSONL file, one JSON object per line (blank lines skipped)."""
     try:
         file = open(path, encoding="utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise DataError(
             f"data file {path!r} not found; set data.task to an existing .jsonl file, a built-in task "
-            f"({', '.join(SYNTHETIC_TASKS)}) or hf:<dataset>."
+            f"({', '.join(TASK_FIELDS)}) or hf:<dataset>."
         ) from None
     examples = []
     with file:
@@ -120,13 +116,15 @@ def load_jsonl(path: str, algorithm: str, fields: dict | None = None, chat: bool
                 raw = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno}).") from None
-            examples.append(normalize(raw, algorithm, fields, where, chat))
+            examples.append(normalize(raw, required, fields, where, chat))
     if not examples:
         raise DataError(f"{path} holds no examples; write one JSON object per line.")
     return examples
 
 
-def load_hf(name: str, split: str, algorithm: str, fields: dict | None = None, chat: bool = False) -> list[dict]:
+def load_hf(
+    name: str, split: str, required: Sequence[str], fields: dict | None = None, chat: bool = False
+) -> list[dict]:
     """Examples from an HF `datasets` dataset (needs the optional `datasets` package)."""
     try:
         import datasets
@@ -134,7 +132,7 @@ def load_hf(name: str, split: str, algorithm: str, fields: dict | None = None, c
         raise ImportError(f"data.task 'hf:{name}' needs the datasets package: pip install datasets") from None
     table = datasets.load_dataset(name, split=split)
     examples = [
-        normalize(dict(raw), algorithm, fields, f"{name} [{split}] row {i}", chat) for i, raw in enumerate(table)
+        normalize(dict(raw), required, fields, f"{name} [{split}] row {i}", chat) for i, raw in enumerate(table)
     ]
     if not examples:
         raise DataError(f"{name} [{split}] holds no examples; check data.split.")
@@ -165,11 +163,6 @@ _WORDS = (
 _TOPICS = ("the sea", "a city", "winter", "a friend", "music", "the night", "a garden", "the road")
 
 
-def preference_score(text: str, target: str = "a") -> float:
-    """The hidden preference of `preference_task`: how often `target` occurs in the text."""
-    return float(text.count(target))
-
-
 def _word_list(rng: np.random.Generator) -> str:
     """Three to eight random words."""
     return " ".join(str(word) for word in rng.choice(_WORDS, int(rng.integers(3, 9))))
@@ -179,7 +172,7 @@ def preference_task(num_examples: int, seed: int, target: str = "a", chat: bool 
     """Pairs of word lists where `chosen` has more of `target` (ties redrawn).
 
     `completion` repeats chosen for SFT warm starts; `preference_target` lets reward functions and
-    evaluations score completions with `preference_score`.
+    evaluations score completions with `rewards.preference_score`.
     """
     if not target or not any(target in word for word in _WORDS):
         raise DataError(f"preference target {target!r} occurs in none of the task's words {_WORDS}; pick e.g. 'a'.")
@@ -188,7 +181,7 @@ def preference_task(num_examples: int, seed: int, target: str = "a", chat: bool 
     while len(examples) < num_examples:
         prompt = f"Write a few words about {_TOPICS[int(rng.integers(len(_TOPICS)))]}."
         first, second = _word_list(rng), _word_list(rng)
-        first_score, second_score = preference_score(first, target), preference_score(second, target)
+        first_score, second_score = count_target(first, target), count_target(second, target)
         if first_score == second_score:
             continue
         chosen, rejected = (first, second) if first_score > second_score else (second, first)
@@ -198,7 +191,7 @@ def preference_task(num_examples: int, seed: int, target: str = "a", chat: bool 
     return examples
 
 
-def _synthetic(data: DataSection, seed: int) -> list[dict]:
+def _synthetic(data, seed: int) -> list[dict]:
     """The built-in task named by data.task, in plain-text form."""
     synthetic = data.synthetic
     if data.task == "arithmetic":
@@ -206,15 +199,16 @@ def _synthetic(data: DataSection, seed: int) -> list[dict]:
     return preference_task(synthetic.num_examples, seed, synthetic.preference_target)
 
 
-def load_examples(data: DataSection, algorithm: str, seed: int) -> list[dict]:
-    """The examples data.task names: a built-in synthetic task, hf:<dataset>, or a JSONL file."""
+def load_examples(data, required: Sequence[str], seed: int) -> list[dict]:
+    """The examples `data.task` names (a `config.DataSection`): a built-in synthetic task, hf:<dataset>,
+    or a JSONL file; each checked for the `required` fields."""
     chat = data.apply_chat_template
-    if data.task in SYNTHETIC_TASKS:
+    if data.task in TASK_FIELDS:
         where = f"synthetic task {data.task!r} example"
-        return [normalize(raw, algorithm, None, f"{where} {i}", chat) for i, raw in enumerate(_synthetic(data, seed))]
+        return [normalize(raw, required, None, f"{where} {i}", chat) for i, raw in enumerate(_synthetic(data, seed))]
     if data.task.startswith("hf:"):
-        return load_hf(data.task[3:], data.split, algorithm, field_map(data), chat)
-    return load_jsonl(data.task, algorithm, field_map(data), chat)
+        return load_hf(data.task[3:], data.split, required, field_map(data), chat)
+    return load_jsonl(data.task, required, field_map(data), chat)
 
 
 def split_eval(examples: list, eval_size: int, seed: int) -> tuple[list, list]:
@@ -248,20 +242,6 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int, shuf
     return order[index * batch_size : (index + 1) * batch_size]
 
 
-def iterate_batches(
-    examples: Sequence, batch_size: int, seed: int, start_step: int = 0, shuffle: bool = True
-) -> Iterator[tuple[int, list]]:
-    """(step, examples of that batch) from `start_step` on, without end."""
-    for step in itertools.count(start_step):
-        yield step, [examples[i] for i in batch_indices(len(examples), batch_size, step, seed, shuffle)]
-
-
-def collate(examples: Sequence[dict]) -> dict[str, list]:
-    """Column-wise batch: field -> list over examples (None where an example lacks the field)."""
-    names = dict.fromkeys(name for example in examples for name in example)
-    return {name: [example.get(name) for example in examples] for name in names}
-
-
 def fit_prompt(ids: Sequence[int], max_len: int, overflow: str = "error", where: str = "prompt") -> list[int] | None:
     """`ids` if they fit max_len; else the last max_len (truncate), None (skip), or a DataError (error)."""
     if len(ids) <= max_len:
@@ -281,63 +261,12 @@ def tokenize_prompts(examples: Sequence[dict], tokenize: Tokenize, max_len: int,
     tokenized = []
     for i, example in enumerate(examples):
         where = f"example {i} ({str(example['prompt'])[:40]!r}...)"
-        ids = fit_prompt(tokenize(example["prompt"]), max_len, overflow, where)
+        ids = tokenize(example["prompt"])
+        if not ids:
+            raise DataError(f"{where}: the prompt has no tokens; a model needs at least one to answer.")
+        ids = fit_prompt(ids, max_len, overflow, where)
         if ids is not None:
             tokenized.append({**example, "prompt_ids": ids})
     if not tokenized:
         raise DataError(f"every prompt is longer than data.max_prompt_len={max_len}; raise it.")
     return tokenized
-
-
-def bucket_length(length: int, max_len: int, min_len: int = 16) -> int:
-    """The smallest power of two >= length (at least min_len), capped at max_len: few shapes to compile."""
-    return min(max_len, max(min_len, 1 << max(length - 1, 0).bit_length()))
-
-
-def _pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Token lists in a [B, length] int32 array with their validity mask, aligned right (left padding) or left."""
-    ids_BxT = np.full((len(seqs), length), pad_id, np.int32)
-    mask_BxT = np.zeros((len(seqs), length), bool)
-    for i, seq in enumerate(seqs):
-        if len(seq) > length:
-            raise ValueError(f"sequence {i} has {len(seq)} tokens, more than the padded length {length}.")
-        cols = slice(length - len(seq), length) if left else slice(0, len(seq))
-        ids_BxT[i, cols], mask_BxT[i, cols] = seq, True
-    return ids_BxT, mask_BxT
-
-
-def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """[B, length] ids right-aligned after padding (prompts end where generation starts), and the mask."""
-    return _pad(seqs, length, pad_id, left=True)
-
-
-def right_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """[B, length] ids left-aligned before padding (completions), and the mask."""
-    return _pad(seqs, length, pad_id, left=False)
-
-
-def pad_prompts(prompt_ids: Sequence[Sequence[int]], max_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-padded prompts [B, P], P the bucket that holds the longest, and their mask."""
-    return left_pad(prompt_ids, bucket_length(max(map(len, prompt_ids)), max_len), pad_id)
-
-
-def pad_prompt_completion(
-    prompt_ids: Sequence[Sequence[int]],
-    completion_ids: Sequence[Sequence[int]],
-    max_prompt_len: int,
-    max_completion_len: int,
-    pad_id: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens_BxT, mask_BxT, loss_mask_BxT) for [left-padded prompt | right-padded completion].
-
-    Completions are cut at max_completion_len (end them with EOS if the model must learn to stop);
-    loss_mask marks completion tokens. Both parts are bucketed.
-    """
-    completions = [list(ids[:max_completion_len]) for ids in completion_ids]
-    prompt_BxP, prompt_mask_BxP = pad_prompts(prompt_ids, max_prompt_len, pad_id)
-    length = bucket_length(max(map(len, completions)), max_completion_len)
-    completion_BxC, completion_mask_BxC = right_pad(completions, length, pad_id)
-    tokens_BxT = np.concatenate([prompt_BxP, completion_BxC], axis=1)
-    mask_BxT = np.concatenate([prompt_mask_BxP, completion_mask_BxC], axis=1)
-    loss_mask_BxT = np.concatenate([np.zeros_like(prompt_mask_BxP), completion_mask_BxC], axis=1)
-    return tokens_BxT, mask_BxT, loss_mask_BxT

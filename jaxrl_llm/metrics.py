@@ -10,6 +10,8 @@ from typing import Iterable
 
 import numpy as np
 
+from jaxrl_llm.errors import DataError
+
 MAIN_CURVES = (
     "reward/mean", "eval/accuracy", "eval/reward", "loss", "kl", "entropy", "response_length/mean", "clipfrac/high",
 )
@@ -62,7 +64,7 @@ def read_metrics(run_dir: str) -> list[dict]:
     """All rows of RUN_DIR/metrics.jsonl, in order."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {run_dir!r} a run folder?")
+        raise DataError(f"{path} not found: is {run_dir!r} a run folder?")
     with open(path, encoding="utf-8") as file:
         return [json.loads(line) for line in file if line.strip()]
 
@@ -100,7 +102,7 @@ def plot_runs(
     runs = {label: _with_start(d, read_metrics(d)) for label, d in zip(_labels(run_dirs), run_dirs)}
     present = [n for n in names if any(n in row for rows in runs.values() for row in rows)]
     if not present:
-        raise ValueError(f"none of the metrics {names} were logged in {list(runs)}")
+        raise DataError(f"none of the metrics {names} were logged in {list(runs)}")
     cols = min(3, len(present))
     rows = math.ceil(len(present) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from jaxrl_llm import cli
 from jaxrl_llm.metrics import MAIN_CURVES, plot_runs
 
 
@@ -19,12 +20,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = args.out or (os.path.join(args.run_dirs[0], "metrics.png") if len(args.run_dirs) == 1 else "comparison.png")
     names = [name.strip() for name in args.metrics.split(",")] if args.metrics else MAIN_CURVES
-    try:
-        print(plot_runs(args.run_dirs, out, names, args.title))
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.run(lambda: print(plot_runs(args.run_dirs, out, names, args.title)))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ group); `fields` holds the batch's other example fields aligned the same way (e.
 A function takes the fields it needs by name and swallows the rest with `**fields`, so a research
 script adds one in a few lines and selects it by import path `module:function`.
 
-Rewards that need a loaded model (reward-model scoring) are built by the training loop and handed
+Rewards that need a loaded model (reward-model scoring) are built by the run layer and handed
 to `resolve` / `combine` in `registry`, beside the built-ins of `REGISTRY`.
 
 Shape letters: B completions.
@@ -20,15 +20,11 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from jaxrl_llm import data
+from jaxrl_llm.errors import RewardError
 
 RewardFn = Callable[..., Sequence[float] | np.ndarray]
 
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
-
-
-class RewardError(ValueError):
-    """An unknown, unimportable or failing reward function; the message names it."""
 
 
 def last_number(text: str) -> float | None:
@@ -57,9 +53,14 @@ def arithmetic_format(prompts, completions, matched=1.0, unmatched=0.0, **fields
     return np.asarray([matched if pattern.fullmatch(c) else unmatched for c in completions], np.float32)
 
 
+def count_target(text: str, target: str) -> float:
+    """The synthetic preference task's hidden preference of a text: how often `target` occurs in it."""
+    return float(text.count(target))
+
+
 def preference_score(prompts, completions, preference_target, **fields) -> np.ndarray:
-    """The synthetic preference task's hidden score of each completion (`data.preference_score`)."""
-    return np.asarray([data.preference_score(c, t) for c, t in zip(completions, preference_target)], np.float32)
+    """The synthetic preference task's hidden score of each completion (`count_target`)."""
+    return np.asarray([count_target(c, t) for c, t in zip(completions, preference_target)], np.float32)
 
 
 REGISTRY: Mapping[str, RewardFn] = types.MappingProxyType(
@@ -136,9 +137,3 @@ def combine(names: Sequence[str], weights: Sequence[float] | None = None, regist
 
     return total
 
-
-def overlong_reward(lengths, max_len: int, buffer_len: int) -> np.ndarray:
-    """DAPO soft overlong punishment (2503.14476) per length in tokens: 0 to max_len − buffer_len, then to −1."""
-    from jaxrl_llm.core.losses import overlong_penalty  # imported here so scoring text never loads jax
-
-    return np.asarray(overlong_penalty(np.asarray(lengths), max_len, buffer_len), np.float32)

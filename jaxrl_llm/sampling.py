@@ -9,47 +9,42 @@ samples depend only on (key, r, its prompt), so `n` samples of each prompt equal
 repeated n times (each copy at the same row) with n = 1 and the same key.
 
 Speed: the prefill runs the model's scanned layers once over the B prompts; the decode loop runs
-the layers unrolled over per-layer weight copies (see `unstack_layers`) and stops as soon as
-every row has emitted a stop token.
+them unrolled over per-layer weight copies (`models.transformer.decode_step`) and stops as soon
+as every row has emitted a stop token.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxrl_llm import sharding
-from jaxrl_llm.data import left_pad
 from jaxrl_llm.core.logprobs import token_logprobs
 from jaxrl_llm.models.transformer import (
-    CACHE_AXES,
     Cache,
-    DecoderLayer,
     ModelConfig,
-    RMSNorm,
     Transformer,
-    attention_mask,
+    constrain_layer_cache,
+    decode_step,
     init_cache,
-    lm_head_weight,
+    lm_logits,
     positions_from_mask,
-    rope_cos_sin,
+    unstack_layers,
 )
-
-BUCKETS = ("pow2", "multiple")
+from jaxrl_llm.padding import Bucketing, pad_bucketed
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How to sample; hashable, so static under jit.
 
-    temperature 0 = greedy; top_k 0 and top_p 1 = off. Prompts are left-padded to a bucket: the
-    next power of two >= `bucket_size` ("pow2") or the next multiple of it ("multiple").
-    cache_dtype None = the model's compute dtype.
+    temperature 0 = greedy; top_k 0 and top_p 1 = off. Prompts given as token lists are
+    left-padded to `bucketing`'s width. cache_dtype None = the model's compute dtype.
     """
 
     max_new_tokens: int = 256
@@ -59,8 +54,7 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = ()
     n: int = 1
     pad_token_id: int = 0
-    bucket: str = "pow2"
-    bucket_size: int = 16
+    bucketing: Bucketing = Bucketing()
     cache_dtype: str | None = None
 
     def __post_init__(self):
@@ -74,8 +68,6 @@ class SamplingConfig:
             (self.n >= 1, "n (samples per prompt) must be >= 1"),
             (self.pad_token_id >= 0, "pad_token_id must be a token id >= 0"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids >= 0"),
-            (self.bucket in BUCKETS, f"bucket must be one of {BUCKETS}"),
-            (self.bucket_size >= 1, "bucket_size must be >= 1"),
             (
                 self.cache_dtype in (None, "float32", "bfloat16", "float16"),
                 "cache_dtype must be None (the model's dtype), float32, bfloat16 or float16",
@@ -96,6 +88,7 @@ class Completions:
     truncated_R: the row hit max_new_tokens without a stop token.
     prompt_tokens_RxP / prompt_mask_RxP: the padded prompts, so prompt + completion can be
     concatenated (with their masks) and rescored with `positions_from_mask`.
+    logp_temperature: the temperature logp_RxN is taken at, which a trainer must score at too.
     """
 
     tokens_RxN: jax.Array
@@ -105,6 +98,7 @@ class Completions:
     truncated_R: jax.Array
     prompt_tokens_RxP: jax.Array
     prompt_mask_RxP: jax.Array
+    logp_temperature: float = flax.struct.field(pytree_node=False, default=1.0)
 
 
 @flax.struct.dataclass
@@ -118,13 +112,6 @@ class _DecodeState:
     tokens_RxN: jax.Array
     logp_RxN: jax.Array
     caches: list[Cache]
-
-
-def bucket_length(length: int, config: SamplingConfig) -> int:
-    """The padded prompt length P for a longest prompt of `length` tokens."""
-    if config.bucket == "pow2":
-        return max(config.bucket_size, 1 << (length - 1).bit_length())
-    return -(-length // config.bucket_size) * config.bucket_size
 
 
 def pad_prompts(prompts, config: SamplingConfig, model_config: ModelConfig):
@@ -141,8 +128,7 @@ def pad_prompts(prompts, config: SamplingConfig, model_config: ModelConfig):
         lengths_B = np.array([len(p) for p in prompts])
         if not len(prompts):
             raise ValueError("generate: prompts is empty; pass at least one list of token ids.")
-        P = bucket_length(int(lengths_B.max(initial=1)), config)
-        tokens_BxP, mask_BxP = left_pad(prompts, P, config.pad_token_id)
+        tokens_BxP, mask_BxP = pad_bucketed(prompts, config.bucketing, config.pad_token_id)
         if tokens_BxP.size and not 0 <= tokens_BxP.min() <= tokens_BxP.max() < model_config.vocab_size:
             raise ValueError(
                 f"generate: prompt token ids must lie in [0, {model_config.vocab_size}) "
@@ -162,42 +148,6 @@ def _check_lengths(lengths_B: np.ndarray, config: SamplingConfig, model_config: 
             f"model's max_position_embeddings ({model_config.max_position_embeddings}); shorten "
             "the prompts or lower SamplingConfig.max_new_tokens."
         )
-
-
-def _constrain(cache: Cache) -> Cache:
-    """One layer's {"k","v"} [B,S,K,E], named like the model's cache without its layer axis."""
-    return jax.tree.map(lambda c_BxSxKxE: nn.with_logical_constraint(c_BxSxKxE, CACHE_AXES[1:]), cache)
-
-
-def unstack_layers(params: dict, model_config: ModelConfig) -> list[dict]:
-    """The stacked [L, ...] layer params as L per-layer trees (one copy of the layer weights)."""
-    # Scanning stacked weights makes XLA CPU copy each layer's slice at every decode step, which
-    # took longer than the matmuls; slicing once per call and unrolling the layers avoids it.
-    return [jax.tree.map(lambda p_Lx: p_Lx[i], params["layers"]) for i in range(model_config.num_layers)]
-
-
-def forward(params, layers, tokens_BxT, positions_BxT, kv_mask_BxS, caches, cache_index, model_config):
-    """`Transformer.__call__(..., return_hidden=True)` over unstacked layers and per-layer caches."""
-    cfg = model_config
-    x_BxTxD = jnp.take(params["embed"]["embedding"], tokens_BxT, axis=0).astype(cfg.dtype)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
-    cos_BxTxE, sin_BxTxE = rope_cos_sin(positions_BxT, cfg)
-    mask_BxTxS = attention_mask(kv_mask_BxS, cache_index, tokens_BxT.shape[1], cfg.sliding_window)
-    new_caches = []
-    for layer_params, cache in zip(layers, caches):
-        x_BxTxD, cache = DecoderLayer(cfg).apply(
-            {"params": layer_params}, x_BxTxD, cache, cos_BxTxE, sin_BxTxE, mask_BxTxS, cache_index
-        )
-        new_caches.append(_constrain(cache))
-    final_norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
-    return final_norm.apply({"params": params["final_norm"]}, x_BxTxD), new_caches
-
-
-def _head(params: dict, hidden_BxD: jax.Array, model_config: ModelConfig) -> jax.Array:
-    """Logits [B,V] in fp32 from final-normed hidden states."""
-    head_DxV = lm_head_weight(params, model_config)
-    return jnp.einsum("bd,dv->bv", hidden_BxD, head_DxV.astype(hidden_BxD.dtype),
-                      preferred_element_type=jnp.float32)
 
 
 def _nucleus(w_RxC: jax.Array, top_p: float) -> jax.Array:
@@ -262,8 +212,8 @@ def prefill(params, tokens_BxP, mask_BxP, model_config: ModelConfig, cache_dtype
     )
     last_B = P - 1 - jnp.argmax(mask_BxP[:, ::-1], axis=-1)
     hidden_BxD = jnp.take_along_axis(hidden_BxPxD, last_B[:, None, None], axis=1)[:, 0]
-    caches = [jax.tree.map(lambda c: c[i], cache) for i in range(model_config.num_layers)]
-    return _head(params, hidden_BxD, model_config), caches
+    caches = [jax.tree.map(operator.itemgetter(i), cache) for i in range(model_config.num_layers)]
+    return lm_logits(params, hidden_BxD, model_config), caches
 
 
 def _emit(state: _DecodeState, logits_RxV, row_keys_R, stops, config: SamplingConfig):
@@ -286,7 +236,7 @@ def _emit(state: _DecodeState, logits_RxV, row_keys_R, stops, config: SamplingCo
 def _repeat_rows(cache: Cache, n: int, new_slots: int) -> Cache:
     """A prompt layer cache copied to each prompt's n rows, with `new_slots` empty slots appended."""
     widths = ((0, 0), (0, new_slots), (0, 0), (0, 0))
-    return _constrain(jax.tree.map(lambda c: jnp.pad(jnp.repeat(c, n, axis=0), widths), cache))
+    return constrain_layer_cache(jax.tree.map(lambda c: jnp.pad(jnp.repeat(c, n, axis=0), widths), cache))
 
 
 @jax.jit(static_argnames=("config", "model_config", "mesh"))
@@ -321,11 +271,11 @@ def _decode(params, tokens_BxP, mask_BxP, key, config: SamplingConfig, model_con
 
     def step(state: _DecodeState) -> _DecodeState:
         # The token sampled at step t-1 goes to slot P+t-1, position (real prompt tokens)+t-1.
-        hidden_Rx1xD, caches = forward(
+        hidden_Rx1xD, caches = decode_step(
             params, layers, state.token_R[:, None], (start_R + state.t - 1)[:, None], kv_mask_RxS,
             state.caches, P + state.t - 1, model_config,
         )
-        logits_RxV = _head(params, hidden_Rx1xD[:, 0], model_config)
+        logits_RxV = lm_logits(params, hidden_Rx1xD[:, 0], model_config)
         return _emit(state.replace(caches=caches), logits_RxV, row_keys_R, stops, config)
 
     def running(state: _DecodeState) -> jax.Array:
@@ -340,6 +290,7 @@ def _decode(params, tokens_BxP, mask_BxP, key, config: SamplingConfig, model_con
         truncated_R=~state.done_R,
         prompt_tokens_RxP=jnp.repeat(tokens_BxP, n, axis=0),
         prompt_mask_RxP=mask_RxP,
+        logp_temperature=config.temperature or 1.0,
     )
 
 

@@ -34,6 +34,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from jaxrl_llm.errors import ShardingError
 from jaxrl_llm.models.transformer import ModelConfig, init_params, param_logical_axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -49,10 +50,6 @@ RULES = (
     ("length", None),
     ("head_dim", None),
 )
-
-
-class ShardingError(ValueError):
-    """A mesh that does not fit the devices, the batch or the model; the message names the fix."""
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
@@ -181,6 +178,14 @@ def param_placer(config: ModelConfig, mesh: Mesh, scalar_head: bool = False) -> 
         return put(value, NamedSharding(mesh, spec))
 
     return place_one
+
+
+def placement(mesh: Mesh | None) -> Callable | None:
+    """`placement(config, scalar_head)` for `models.load.load_model`: each loaded tensor straight into
+    its layout on `mesh` (None: the default device)."""
+    if mesh is None:
+        return None
+    return lambda config, scalar_head: param_placer(config, mesh, scalar_head)
 
 
 def init_sharded(config: ModelConfig, key: jax.Array, mesh: Mesh, scalar_head: bool = False) -> dict:

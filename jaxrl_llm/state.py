@@ -1,4 +1,4 @@
-"""Train-state pytrees: named, immutable, updated with `.replace`."""
+"""Train-state pytrees (named, immutable, updated with `.replace`) and the optimizer they carry."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 class TrainState(struct.PyTreeNode):
@@ -28,3 +30,33 @@ class TrainState(struct.PyTreeNode):
         return self.replace(
             step=self.step + 1, params=optax.apply_updates(self.params, updates), opt_state=opt_state
         )
+
+
+def learning_rate_schedule(lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0):
+    """Linear warm-up to `lr`, then constant, linear decay to 0, or cosine decay to 0."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"lr schedule {schedule!r} is not one of {SCHEDULES}.")
+    decay_steps = max(total_steps - warmup_steps, 1)
+    after = {
+        "constant": optax.constant_schedule(lr),
+        "linear": optax.linear_schedule(lr, 0.0, decay_steps),
+        "cosine": optax.cosine_decay_schedule(lr, decay_steps),
+    }[schedule]
+    if warmup_steps <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])
+
+
+def make_optimizer(
+    lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0,
+    weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    grad_clip: float | None = 1.0,
+) -> optax.GradientTransformation:
+    """AdamW with global-norm gradient clipping and a learning-rate schedule."""
+    adamw = optax.adamw(
+        learning_rate_schedule(lr, total_steps, schedule, warmup_steps),
+        b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+    )
+    if grad_clip is None or grad_clip <= 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)

@@ -20,7 +20,8 @@ import gguf
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
-from jaxrl_llm.data import left_pad
+from jaxrl_llm.errors import TokenizerError
+from jaxrl_llm.padding import left_pad
 
 try:
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
@@ -32,10 +33,6 @@ except ImportError:  # transformers 4.x keeps them in integrations.ggml
 
 Messages = Sequence[dict]
 Prompt = Union[str, Messages]
-
-
-class TokenizerError(ValueError):
-    """A tokenizer that cannot be loaded, or prompts that do not fit."""
 
 
 def load_tokenizer(source: str | Path) -> PreTrainedTokenizerFast:

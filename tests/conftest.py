@@ -37,7 +37,7 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf):
-    from jaxrl_llm.models.hf import load_model
+    from jaxrl_llm.models.load import load_model
 
     return load_model(smollm2_gguf)
 

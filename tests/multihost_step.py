@@ -13,29 +13,31 @@ import sys
 
 mode = sys.argv[1]
 if mode == "pair":
-    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=600"
-                               " --xla_cpu_collective_timeout_seconds=600")  # see sharded_equivalence.py
+    os.environ["XLA_FLAGS"] = (
+        "--xla_force_host_platform_device_count=2 --xla_cpu_collective_call_terminate_timeout_seconds=600"
+        " --xla_cpu_collective_timeout_seconds=600"
+    )  # see sharded_equivalence.py
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-
-from jaxrl_llm import checkpoint, sharding  # noqa: E402
-from jaxrl_llm.algorithms import common  # noqa: E402
-from jaxrl_llm.algorithms.sft import make_sft_step  # noqa: E402
-from jaxrl_llm.models.transformer import init_params  # noqa: E402
-from jaxrl_llm.state import TrainState  # noqa: E402
 from sharded_equivalence import run_loop  # noqa: E402
 from test_algorithms_offline import CONFIG, sequence_batch  # noqa: E402
 
+from jaxrl_llm import checkpoint, sharding  # noqa: E402
+from jaxrl_llm.algorithms.sft import make_sft_step  # noqa: E402
+from jaxrl_llm.models.transformer import init_params  # noqa: E402
+from jaxrl_llm.state import TrainState, make_optimizer  # noqa: E402
+
 
 def flat(tree) -> dict:
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
 def train(mesh):
     """Two SFT steps on `mesh` from the same init; (state, losses)."""
-    state = TrainState.create(init_params(CONFIG, jax.random.key(0)), common.make_optimizer(1e-2, 10))
+    state = TrainState.create(init_params(CONFIG, jax.random.key(0)), make_optimizer(1e-2, 10))
     shardings = sharding.tree_shardings(state, mesh, [CONFIG])
     state = sharding.place(jax.device_get(state), shardings)
     step = sharding.jit_step(make_sft_step(CONFIG), mesh, shardings)

@@ -18,19 +18,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from test_algorithms_offline import pair_batch, sequence_batch  # noqa: E402
+from test_grpo import CONFIG, rollout  # noqa: E402
 
 from jaxrl_llm import sharding  # noqa: E402
-from jaxrl_llm.algorithms import common  # noqa: E402
 from jaxrl_llm.algorithms.dpo import DPOState, make_dpo_step  # noqa: E402
 from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step  # noqa: E402
 from jaxrl_llm.algorithms.ppo import PPOState, make_ppo_step  # noqa: E402
 from jaxrl_llm.algorithms.sft import make_sft_step  # noqa: E402
-from jaxrl_llm.config import GRPOSection, PPOSection  # noqa: E402
+from jaxrl_llm.config import DPOSection, GRPOSection, PPOSection  # noqa: E402
 from jaxrl_llm.models.transformer import init_params  # noqa: E402
 from jaxrl_llm.sampling import SamplingConfig, generate  # noqa: E402
-from jaxrl_llm.state import TrainState  # noqa: E402
-from test_algorithms_offline import pair_batch, sequence_batch  # noqa: E402
-from test_grpo import CONFIG, rollout  # noqa: E402
+from jaxrl_llm.state import TrainState, make_optimizer  # noqa: E402
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 # A shortened default run (SFT warm start, then GRPO) that test_sharding.py repeats on one device.
@@ -42,7 +41,7 @@ LOOP_OVERRIDES = [
 
 
 def optimizer():
-    return common.make_optimizer(1e-2, 100, grad_clip=1.0)
+    return make_optimizer(1e-2, 100, grad_clip=1.0)
 
 
 def cases():
@@ -53,17 +52,18 @@ def cases():
     reward = init_params(CONFIG, jax.random.key(2), scalar_head=True)
     grpo = GRPOSection(group_size=4, num_iterations=2, num_minibatches=2)
     ppo = PPOSection(epochs=2, num_minibatches=2)
-    tokens = lambda b: {**b, "tokens": b["tokens"] % CONFIG.vocab_size}
+    tokens = lambda b: b.replace(tokens_BxT=b.tokens_BxT % CONFIG.vocab_size)
     return {
         "sft": (TrainState.create(params, optimizer()), make_sft_step(CONFIG, num_microbatches=2),
                 [tokens(sequence_batch(s, B=16)) for s in range(2)]),
-        "dpo": (DPOState(TrainState.create(params, optimizer()), ref), make_dpo_step(CONFIG, 0.1, "sigmoid", 0.0, 2),
+        "dpo": (DPOState(TrainState.create(params, optimizer()), ref), make_dpo_step(CONFIG, DPOSection(), 2),
                 [jax.tree.map(lambda x: x % CONFIG.vocab_size if x.dtype == np.int32 else x, pair_batch(s, B=16))
                  for s in range(2)]),
-        "grpo": (GRPOState(TrainState.create(params, optimizer()), ref), make_grpo_step(CONFIG, grpo, 1.0, 2, 6),
+        "grpo": (GRPOState(TrainState.create(params, optimizer()), ref), make_grpo_step(CONFIG, grpo, 2, 6),
                  [rollout(s, prompts=4) for s in range(2)]),
         "ppo": (PPOState.create(TrainState.create(params, optimizer()), TrainState.create(critic, optimizer()),
-                                ref, reward, 0.05), make_ppo_step(CONFIG, ppo), [rollout(s, prompts=4) for s in range(2)]),
+                                ref, reward, 0.05), make_ppo_step(CONFIG, ppo),
+                [rollout(s, prompts=4) for s in range(2)]),
     }
 
 
@@ -117,12 +117,12 @@ def main(export_dir):
 
 def check_init_and_load(mesh, folder):
     """Params initialised or loaded straight into their layout equal the unsharded ones."""
-    from jaxrl_llm.models.hf import export_hf, load_model
+    from jaxrl_llm.models.load import export_hf, load_model
 
     params = init_params(CONFIG, jax.random.key(0))
     sharded = sharding.init_sharded(CONFIG, jax.random.key(0), mesh)
     export_hf(params, folder, CONFIG)
-    loaded = load_model(folder, mesh=mesh).params
+    loaded = load_model(folder, placement=sharding.placement(mesh)).params
     want = jax.tree.leaves(sharding.tree_shardings(params, mesh, [CONFIG]))
     laid_out = lambda tree: all(leaf.sharding == s for leaf, s in zip(jax.tree.leaves(tree), want))
     print(json.dumps({
@@ -134,7 +134,7 @@ def check_init_and_load(mesh, folder):
 def run_loop(run_dir, mesh_overrides):
     """The last metrics row of a shortened default run on the given mesh."""
     from jaxrl_llm.config import load_config
-    from jaxrl_llm.loop import train
+    from jaxrl_llm.run import train
 
     config = load_config(None, LOOP_OVERRIDES + [f"run_dir={run_dir}"] + mesh_overrides)
     return train(config, quiet=True).metrics

@@ -1,19 +1,18 @@
 """SFT, RM and DPO steps on a tiny model: exact losses, accumulation = one big batch, learning."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxrl_llm.algorithms import common
+from jaxrl_llm.algorithms.batches import PairBatch, SequenceBatch
 from jaxrl_llm.algorithms.dpo import DPOState, make_dpo_step
 from jaxrl_llm.algorithms.rm import make_rm_eval, make_rm_step
 from jaxrl_llm.algorithms.sft import make_sft_step
-from jaxrl_llm.core import token_logprobs
+from jaxrl_llm.config import DPOSection
 from jaxrl_llm.models.transformer import ModelConfig, Transformer, init_params, positions_from_mask
-from jaxrl_llm.state import TrainState
+from jaxrl_llm.state import TrainState, make_optimizer
 
 CONFIG = ModelConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -32,32 +31,27 @@ def sequence_batch(seed, B=4, P=5, C=6, vocab=64):
         mask[b, P - p:P + c] = 1
         completion[b, P:P + c] = 1
     tokens = tokens * mask
-    return {"tokens": tokens, "mask": mask, "completion_mask": completion}
+    return SequenceBatch(tokens, mask, completion)
 
 
 def pair_batch(seed, B=4):
+    """Pairs sharing their prompt (the first 5 slots)."""
     chosen, rejected = sequence_batch(seed, B), sequence_batch(seed + 100, B)
-    rejected["tokens"][:, :5] = chosen["tokens"][:, :5]
-    rejected["mask"][:, :5] = chosen["mask"][:, :5]
-    return {
-        "chosen_tokens": chosen["tokens"], "chosen_mask": chosen["mask"],
-        "chosen_completion_mask": chosen["completion_mask"],
-        "rejected_tokens": rejected["tokens"], "rejected_mask": rejected["mask"],
-        "rejected_completion_mask": rejected["completion_mask"],
-    }
+    rejected.tokens_BxT[:, :5] = chosen.tokens_BxT[:, :5]
+    rejected.mask_BxT[:, :5] = chosen.mask_BxT[:, :5]
+    return PairBatch(chosen, rejected)
 
 
-def reference_logp(params, batch):
+def reference_logp(params, batch: SequenceBatch):
     """log π(token_t | <t) from full logits in float64 numpy."""
-    logits, _ = Transformer(CONFIG).apply(
-        {"params": params}, batch["tokens"], positions_from_mask(batch["mask"]), batch["mask"]
-    )
+    tokens, mask = batch.tokens_BxT, batch.mask_BxT
+    logits, _ = Transformer(CONFIG).apply({"params": params}, tokens, positions_from_mask(mask), mask)
     logits = np.asarray(logits, np.float64)
-    out = np.zeros(batch["tokens"].shape)
+    out = np.zeros(tokens.shape)
     for b in range(out.shape[0]):
         for t in range(1, out.shape[1]):
             z = logits[b, t - 1]
-            out[b, t] = z[batch["tokens"][b, t]] - np.log(np.exp(z - z.max()).sum()) - z.max()
+            out[b, t] = z[tokens[b, t]] - np.log(np.exp(z - z.max()).sum()) - z.max()
     return out
 
 
@@ -68,20 +62,20 @@ def params():
 
 def test_score_tokens_matches_full_logits(params):
     batch = sequence_batch(1)
-    logp, ent = common.score_tokens(
-        params, CONFIG, batch["tokens"], batch["mask"], with_entropy=True, chunk_size=4
-    )
-    np.testing.assert_allclose(np.asarray(logp) * batch["mask"], reference_logp(params, batch) * batch["mask"], atol=1e-5)
+    logp, ent = common.score_tokens(params, CONFIG, batch.tokens_BxT, batch.mask_BxT, with_entropy=True, chunk_size=4)
+    mask = batch.mask_BxT
+    np.testing.assert_allclose(np.asarray(logp) * mask, reference_logp(params, batch) * mask, atol=1e-5)
     assert np.all(np.asarray(ent)[:, 1:] > 0)
 
 
 def test_sft_loss_is_masked_mean_nll_and_decreases(params):
     batch = sequence_batch(2)
-    tx = common.make_optimizer(1e-2, total_steps=20)
+    tx = make_optimizer(1e-2, total_steps=20)
     step = jax.jit(make_sft_step(CONFIG))
     state = TrainState.create(params, tx)
     state, metrics = step(state, batch)
-    want = -(reference_logp(params, batch) * batch["completion_mask"]).sum() / batch["completion_mask"].sum()
+    completion = batch.completion_mask_BxT
+    want = -(reference_logp(params, batch) * completion).sum() / completion.sum()
     np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
     first = float(metrics["loss"])
     for _ in range(15):
@@ -98,7 +92,8 @@ def test_accumulated_metrics_equal_one_big_batch():
 
     def loss_fn(w, mb):
         part_loss = jnp.sum(w * mb["x"]) / normalizer
-        return part_loss, {"pg_loss": part_loss, "x/min": mb["x"].min(), "x/max": mb["x"].max(), "x/mean": mb["x"].mean()}
+        x = mb["x"]
+        return part_loss, {"pg_loss": part_loss, "x/min": x.min(), "x/max": x.max(), "x/mean": x.mean()}
 
     for m in (1, 2, 4):
         loss, grad, metrics = common.accumulate_gradients(loss_fn, jnp.float32(1.0), {"x": x_BxT}, m)
@@ -111,7 +106,7 @@ def test_accumulated_metrics_equal_one_big_batch():
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
 def test_sft_microbatches_equal_one_big_batch(params, aggregation):
     batch = sequence_batch(3, B=4)
-    tx = common.make_optimizer(1e-3, total_steps=10, grad_clip=None)
+    tx = make_optimizer(1e-3, total_steps=10, grad_clip=None)
     results = []
     for m in (1, 2):
         state, metrics = jax.jit(make_sft_step(CONFIG, num_microbatches=m, aggregation=aggregation))(
@@ -126,9 +121,9 @@ def test_sft_microbatches_equal_one_big_batch(params, aggregation):
 
 def test_dpo_starts_at_log2_matches_reference_and_learns(params):
     batch = pair_batch(4)
-    tx = common.make_optimizer(1e-2, total_steps=20)
+    tx = make_optimizer(1e-2, total_steps=20)
     state = DPOState(policy=TrainState.create(params, tx), ref_params=params)
-    step = jax.jit(make_dpo_step(CONFIG, beta=0.5))
+    step = jax.jit(make_dpo_step(CONFIG, DPOSection(beta=0.5)))
     state, metrics = step(state, batch)
     np.testing.assert_allclose(float(metrics["loss"]), np.log(2.0), rtol=1e-6)
     for _ in range(10):
@@ -138,10 +133,9 @@ def test_dpo_starts_at_log2_matches_reference_and_learns(params):
     frozen = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), params, state.ref_params)
     assert all(jax.tree.leaves(frozen))
 
-    two = jax.jit(make_dpo_step(CONFIG, beta=0.5, num_microbatches=2))
-    one = jax.jit(make_dpo_step(CONFIG, beta=0.5))
+    two = jax.jit(make_dpo_step(CONFIG, DPOSection(beta=0.5), num_microbatches=2))
     fresh = DPOState(policy=TrainState.create(state.policy.params, tx), ref_params=params)
-    (s1, m1), (s2, m2) = one(fresh, batch), two(fresh, batch)
+    (_, m1), (_, m2) = step(fresh, batch), two(fresh, batch)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["rewards/margins"], m2["rewards/margins"], rtol=1e-4)
 
@@ -149,21 +143,22 @@ def test_dpo_starts_at_log2_matches_reference_and_learns(params):
 def test_dpo_loss_equals_numpy_reference(params):
     batch = pair_batch(5)
     policy = jax.tree.map(lambda p: p * 1.1, params)
-    state = DPOState(policy=TrainState.create(policy, common.make_optimizer(0.0, 1)), ref_params=params)
-    _, metrics = make_dpo_step(CONFIG, beta=0.3)(state, batch)
+    state = DPOState(policy=TrainState.create(policy, make_optimizer(0.0, 1)), ref_params=params)
+    _, metrics = make_dpo_step(CONFIG, DPOSection(beta=0.3))(state, batch)
 
-    def summed(p, prefix):
-        seq = {"tokens": batch[f"{prefix}_tokens"], "mask": batch[f"{prefix}_mask"]}
-        return (reference_logp(p, seq) * batch[f"{prefix}_completion_mask"]).sum(1)
+    def summed(p, answer):
+        seq = getattr(batch, answer)
+        return (reference_logp(p, seq) * seq.completion_mask_BxT).sum(1)
 
-    h = 0.3 * ((summed(policy, "chosen") - summed(params, "chosen")) - (summed(policy, "rejected") - summed(params, "rejected")))
+    chosen = summed(policy, "chosen") - summed(params, "chosen")
+    h = 0.3 * (chosen - (summed(policy, "rejected") - summed(params, "rejected")))
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(np.log1p(np.exp(-h))), rtol=1e-4)
 
 
 def test_rm_learns_a_token_preference():
     config = CONFIG.replace(tie_word_embeddings=False)
     params = init_params(config, jax.random.key(1), scalar_head=True)
-    tx = common.make_optimizer(3e-3, total_steps=60)
+    tx = make_optimizer(3e-3, total_steps=60)
     state = TrainState.create(params, tx)
     step = jax.jit(make_rm_step(config))
     evaluate = jax.jit(make_rm_eval(config))
@@ -171,9 +166,9 @@ def test_rm_learns_a_token_preference():
     def preference_pairs(seed):
         # Hidden preference: the chosen answer ends in token 7, the rejected one in token 9.
         batch = pair_batch(seed, B=8)
-        for name, token in (("chosen", 7), ("rejected", 9)):
-            last = common.last_token_index(batch[f"{name}_mask"])
-            batch[f"{name}_tokens"][np.arange(8), np.asarray(last)] = token
+        for answer, token in ((batch.chosen, 7), (batch.rejected, 9)):
+            last = common.last_token_index(answer.mask_BxT)
+            answer.tokens_BxT[np.arange(8), np.asarray(last)] = token
         return batch
 
     for i in range(40):

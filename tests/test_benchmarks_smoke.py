@@ -54,7 +54,7 @@ def test_random_weights_source_without_the_gguf(smollm2, tmp_path, monkeypatch):
     import argparse
 
     from benchmarks import common
-    from jaxrl_llm.models.hf import load_model
+    from jaxrl_llm.models.load import load_model
 
     monkeypatch.setattr(common, "smollm2_gguf", lambda: None)
     monkeypatch.setattr(common, "SMOLLM2_135M", dict(

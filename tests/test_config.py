@@ -8,6 +8,7 @@ import pytest
 
 from jaxrl_llm import config as cfg
 from jaxrl_llm.config import ConfigError, load_config
+from jaxrl_llm.run.registry import check
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 PRESETS = ("default", "sft", "rm", "ppo", "grpo", "dapo", "gspo", "sapo", "dr_grpo", "dpo")
@@ -17,9 +18,10 @@ def preset(name):
     return os.path.join(CONFIGS, f"{name}.yaml")
 
 
-def error_of(*overrides, path=None, **kwargs) -> str:
+def error_of(*overrides, path=None, max_positions=None) -> str:
+    """The message of the first rule a run with this config breaks (the common ones, then its algorithm's)."""
     with pytest.raises(ConfigError) as info:
-        load_config(path, list(overrides), **kwargs)
+        check(load_config(path, list(overrides)), max_positions)
     return str(info.value)
 
 
@@ -86,7 +88,8 @@ def test_yaml_round_trip_is_exact(tmp_path):
     ("grpo.eps_hihg=0.3", "unknown key 'grpo.eps_hihg', did you mean 'grpo.eps_high'?"),
     ("grpo.lr=1e-6", "unknown key 'grpo.lr', did you mean 'optim.lr'?"),
     ("gpro.group_size=4", "unknown key 'gpro', did you mean 'grpo'?"),
-    ("mesh.zzz=1", "unknown key 'mesh.zzz', valid keys of mesh: data, fsdp, tensor, coordinator_address, num_processes, process_id."),
+    ("mesh.zzz=1", "unknown key 'mesh.zzz', valid keys of mesh: data, fsdp, tensor, coordinator_address, "
+                   "num_processes, process_id."),
     ("grpo.group_size=eight", "grpo.group_size must be an int, got 'eight'."),
     ("grpo.group_size=8.5", "grpo.group_size must be an int, got 8.5."),
     ("train.resume=1", "train.resume must be a bool, got 1."),
@@ -97,24 +100,27 @@ def test_yaml_round_trip_is_exact(tmp_path):
     ("grpo=3", "grpo must be a mapping of its fields, got 3."),
     ("grpo.loss=gpso", "grpo.loss must be one of ppo, gspo, gspo_token, sapo, cispo, got 'gpso'; did you mean 'gspo'?"),
     ("grpo.kl_estimator=k4", "grpo.kl_estimator must be one of k1, k2, k3, full, got 'k4'"),
-    ("algorithm=ppoo", "algorithm must be one of sft, rm, ppo, grpo, dpo, got 'ppoo'; did you mean 'ppo'?"),
+    ("algorithm=ppoo", "algorithm must be one of sft, rm, dpo, grpo, ppo, got 'ppoo'; did you mean 'ppo'?"),
     ("data.synthetic.operators=[/]", "data.synthetic.operators[0] must be one of +, -, *, got '/'."),
 ])
 def test_unknown_keys_wrong_types_and_bad_enums(override, expected):
     assert expected in error_of(override)
 
 
-def test_prompt_bucket_reaches_the_sampler():
+def test_bucketing_reaches_the_sampler():
     from types import SimpleNamespace
 
-    from jaxrl_llm.loop import sampling_config
-    from jaxrl_llm.sampling import bucket_length
+    from jaxrl_llm.padding import Bucketing
+    from jaxrl_llm.run.rollouts import sampling_config
 
-    config = load_config(None, ["sampling.prompt_bucket=multiple", "sampling.prompt_bucket_size=8"])
-    sampling = sampling_config(config, SimpleNamespace(pad_token_id=0, eos_token_id=1), n=4)
-    assert (sampling.bucket, sampling.bucket_size) == ("multiple", 8)
-    assert bucket_length(38, sampling) == 40
-    assert bucket_length(38, sampling_config(load_config(None, []), SimpleNamespace(pad_token_id=0, eos_token_id=1), 4)) == 64
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=1)
+    config = load_config(None, ["data.bucket=multiple", "data.bucket_size=8"])
+    assert sampling_config(config, tokenizer, n=4).bucketing == Bucketing("multiple", 8)
+    assert sampling_config(load_config(None, []), tokenizer, 4).bucketing == Bucketing("pow2", 16)
+    assert sampling_config(load_config(None, ["sampling.ignore_eos=true"]), tokenizer, 4).stop_token_ids == ()
+    with pytest.warns(UserWarning, match="sampling.prompt_bucket is now data.bucket"):  # an older run's config.yaml
+        old = load_config(None, ["sampling.prompt_bucket=multiple", "sampling.prompt_bucket_size=8"])
+    assert (old.data.bucket, old.data.bucket_size) == ("multiple", 8)
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -129,9 +135,14 @@ def test_prompt_bucket_reaches_the_sampler():
     ("dpo.label_smoothing=0.5", "dpo.label_smoothing must be in [0, 0.5), got 0.5"),
     ("ppo.lam=1.5", "ppo.lam must be in [0, 1], got 1.5."),
     ("optim.b2=1", "optim.b2 must be in [0, 1), got 1.0."),
-    ("optim.lr=.nan", "optim.lr must be > 0, got nan."),
+    ("optim.lr=.nan", "optim.lr must be a finite number, got nan."),
     ("mesh.fsdp=0", "mesh.fsdp must be a positive size or -1 (the remaining devices), got 0."),
-    ("sampling.prompt_bucket_size=0", "sampling.prompt_bucket_size must be > 0, got 0."),
+    ("data.bucket_size=0", "data.bucket_size must be > 0, got 0."),
+    ("optim.lr=.inf", "optim.lr must be a finite number, got inf."),
+    ("optim.lr=1e400", "optim.lr must be a finite number, got inf."),
+    ("grpo.reward_weights=[.nan]", "grpo.reward_weights must hold finite numbers, got [nan]."),
+    ("grpo.reward_functions=[arithmetic_exact, arithmetic_exact]",
+     "grpo.reward_functions lists arithmetic_exact more than once; list it once"),
 ])
 def test_impossible_values(override, expected):
     assert expected in error_of(override)
@@ -152,7 +163,7 @@ def test_inconsistent_sizes_name_the_fields_and_the_fix():
         "mesh.coordinator_address=localhost:1234", "mesh.num_processes=2", "mesh.process_id=2"
     )
     # Only the active algorithm's minibatches count.
-    assert load_config(None, ["grpo.num_minibatches=5", "algorithm=sft"]).algorithm == "sft"
+    assert check(load_config(None, ["grpo.num_minibatches=5", "algorithm=sft"])).algorithm == "sft"
     message = error_of("algorithm=ppo", "model.reward_model_path=rm", "ppo.num_minibatches=5")
     assert "ppo.num_minibatches (5)" in message
 
@@ -169,8 +180,8 @@ def test_lengths_must_fit_the_model_positions():
 def test_algorithm_specific_requirements():
     assert "model.reward_model_path is required for ppo" in error_of("algorithm=ppo")
     message = error_of("algorithm=dpo")
-    assert "data.task 'arithmetic' has no preference pairs, which dpo needs; use data.task=preference" in message
-    assert load_config(None, ["algorithm=dpo", "data.task=preference"]).algorithm == "dpo"
+    assert "data.task 'arithmetic' has no chosen, rejected fields, which dpo needs; use data.task=preference" in message
+    assert check(load_config(None, ["algorithm=dpo", "data.task=preference"])).algorithm == "dpo"
     message = error_of("data.task=arithmetc")
     assert "data.task 'arithmetc' is not a built-in task" in message and "did you mean 'arithmetic'?" in message
     assert load_config(None, ["data.task=hf:gsm8k", "data.eval_size=20000"]).data.task == "hf:gsm8k"
@@ -212,19 +223,31 @@ def test_preset_files_and_overrides_fail_clearly(tmp_path):
     assert "is not valid YAML" in error_of(path=str(tmp_path / "bad.yaml"))
     (tmp_path / "list.yaml").write_text("- 1\n")
     assert "must hold a mapping of sections" in error_of(path=str(tmp_path / "list.yaml"))
+    assert f"config file {str(tmp_path)!r} is a folder; pass a YAML preset" in error_of(path=str(tmp_path))
+    (tmp_path / "latin1.yaml").write_bytes("seed: 1  # caf\xe9\n".encode("latin-1"))
+    assert "is not UTF-8 text (byte 14)" in error_of(path=str(tmp_path / "latin1.yaml"))
     (tmp_path / "child.yaml").write_text("base: ../parent.yaml\ngrpo: {eps_hihg: 1}\n")
     (tmp_path.parent / "parent.yaml").write_text("seed: 3\n")
     assert "unknown key 'grpo.eps_hihg', did you mean 'grpo.eps_high'?" in error_of(path=str(tmp_path / "child.yaml"))
 
 
-def test_enums_match_the_model_and_the_core_math():
-    losses = pytest.importorskip("jaxrl_llm.core.losses")
-    transformer = pytest.importorskip("jaxrl_llm.models.transformer")
-    assert cfg.POLICY_LOSSES == losses.POLICY_KINDS
-    assert cfg.AGGREGATIONS == losses.AGGREGATIONS
-    assert set(cfg.DPO_LOSSES) == set(losses.DPO_KINDS)
-    assert set(losses.KL_KINDS) | {"full"} == set(cfg.KL_ESTIMATORS)
-    assert cfg.REMAT_POLICIES == transformer.REMAT_POLICIES
+@pytest.mark.parametrize("kind", ["ppo", "gspo", "gspo_token", "sapo", "cispo"])
+def test_the_config_defaults_are_the_math_defaults(kind):
+    """A config left at its defaults computes what the core function computes with its own defaults."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxrl_llm.algorithms.grpo import _loss_kwargs
+    from jaxrl_llm.core import policy_loss
+
+    rng = np.random.default_rng(0)
+    logp = jnp.asarray(-np.abs(rng.normal(size=(3, 5))), jnp.float32)
+    old = logp + jnp.asarray(rng.normal(size=(3, 5)) * 0.5, jnp.float32)
+    adv, mask = jnp.asarray(rng.normal(size=3), jnp.float32), jnp.ones((3, 5))
+    section = cfg.GRPOSection(loss=kind)
+    configured, _ = policy_loss(logp, old, adv, mask, kind, **_loss_kwargs(section))
+    default, _ = policy_loss(logp, old, adv, mask, kind)
+    np.testing.assert_array_equal(configured, default)
 
 
 def test_a_switch_of_another_policy_loss_is_refused():

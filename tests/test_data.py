@@ -5,12 +5,15 @@ import re
 import sys
 import types
 
-import numpy as np
 import pytest
 
 from jaxrl_llm import data
 from jaxrl_llm.config import DataSection, SyntheticSection
 from jaxrl_llm.data import DataError
+from jaxrl_llm.rewards import count_target
+from jaxrl_llm.run.registry import ALGORITHMS
+
+FIELDS = {name: algorithm.fields for name, algorithm in ALGORITHMS.items()}
 
 
 def write_jsonl(path, rows):
@@ -30,68 +33,72 @@ def test_jsonl_per_algorithm(tmp_path):
         "",
         {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "id": 7},
     ])
-    first, second = data.load_jsonl(path, "sft")
+    first, second = data.load_jsonl(path, FIELDS["sft"])
     assert first == {"prompt": "Hi", "completion": "Hello"}
     assert second == {"prompt": [{"role": "user", "content": "2+2?"}], "completion": "4", "id": 7}
-    pairs = data.load_jsonl(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}]), "dpo")
+    pair_file = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    pairs = data.load_jsonl(pair_file, FIELDS["dpo"])
     assert pairs == [{"prompt": "q", "chosen": "a", "rejected": "b"}]
-    rows = data.load_jsonl(write_jsonl(tmp_path / "g.jsonl", [{"prompt": "What is 1 + 2?", "answer": "3"}]), "grpo")
+    prompt_file = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "What is 1 + 2?", "answer": "3"}])
+    rows = data.load_jsonl(prompt_file, FIELDS["grpo"])
     assert rows == [{"prompt": "What is 1 + 2?", "answer": "3"}]
-    chat = data.load_jsonl(str(tmp_path / "g.jsonl"), "grpo", chat=True)
+    chat = data.load_jsonl(str(tmp_path / "g.jsonl"), FIELDS["grpo"], chat=True)
     assert chat[0]["prompt"] == [{"role": "user", "content": "What is 1 + 2?"}] and chat[0]["answer"] == "3"
 
 
 def test_custom_field_names_map_to_canonical_ones(tmp_path):
     fields = data.field_map(DataSection(prompt_field="question", chosen_field="good", rejected_field="bad"))
     path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "good": "a", "bad": "b", "margin": 1.0}])
-    assert data.load_jsonl(path, "rm", fields) == [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1.0}]
-    with pytest.raises(DataError, match=r"line 1: missing field 'question'; grpo examples need question\. If your "
+    want = [{"prompt": "q", "chosen": "a", "rejected": "b", "margin": 1.0}]
+    assert data.load_jsonl(path, FIELDS["rm"], fields) == want
+    with pytest.raises(DataError, match=r"line 1: missing field 'question'; these examples need question\. If your "
                                         r"data calls it something else, set data.prompt_field\."):
-        data.load_jsonl(write_jsonl(tmp_path / "y.jsonl", [{"prompt": "q"}]), "grpo", fields)
+        data.load_jsonl(write_jsonl(tmp_path / "y.jsonl", [{"prompt": "q"}]), FIELDS["grpo"], fields)
 
 
 def test_jsonl_errors_name_the_file_line_and_field(tmp_path):
     missing = str(tmp_path / "nope.jsonl")
-    with pytest.raises(FileNotFoundError, match=re.escape(f"data file {missing!r} not found")):
-        data.load_jsonl(missing, "sft")
+    with pytest.raises(DataError, match=re.escape(f"data file {missing!r} not found")):
+        data.load_jsonl(missing, FIELDS["sft"])
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a"}]
     path = write_jsonl(tmp_path / "a.jsonl", rows)
-    with pytest.raises(DataError, match=r"a\.jsonl line 2: missing field 'rejected'; rm examples need prompt, chosen, "
-                                        r"rejected"):
-        data.load_jsonl(path, "rm")
-    with pytest.raises(DataError, match=r"line 1: missing field 'completion'; sft examples need prompt, completion "
+    with pytest.raises(DataError, match=r"a\.jsonl line 2: missing field 'rejected'; these examples need prompt, "
+                                        r"chosen, rejected"):
+        data.load_jsonl(path, FIELDS["rm"])
+    with pytest.raises(DataError, match=r"line 1: missing field 'completion'; these examples need prompt, completion "
                                         r"\(or 'messages'\)"):
-        data.load_jsonl(write_jsonl(tmp_path / "b.jsonl", [{"prompt": "q"}]), "sft")
+        data.load_jsonl(write_jsonl(tmp_path / "b.jsonl", [{"prompt": "q"}]), FIELDS["sft"])
     with pytest.raises(DataError, match=r"c\.jsonl line 2: not valid JSON"):
-        data.load_jsonl(write_jsonl(tmp_path / "c.jsonl", [{"prompt": "q"}, "{oops"]), "grpo")
+        data.load_jsonl(write_jsonl(tmp_path / "c.jsonl", [{"prompt": "q"}, "{oops"]), FIELDS["grpo"])
     with pytest.raises(DataError, match=r"line 1: expected a JSON object, got list"):
-        data.load_jsonl(write_jsonl(tmp_path / "d.jsonl", ["[1, 2]"]), "grpo")
+        data.load_jsonl(write_jsonl(tmp_path / "d.jsonl", ["[1, 2]"]), FIELDS["grpo"])
     with pytest.raises(DataError, match=r"line 1: field 'chosen' must be a string, got int"):
-        data.load_jsonl(write_jsonl(tmp_path / "e.jsonl", [{"prompt": "q", "chosen": 1, "rejected": "b"}]), "dpo")
+        data.load_jsonl(write_jsonl(tmp_path / "e.jsonl", [{"prompt": "q", "chosen": 1, "rejected": "b"}]),
+                        FIELDS["dpo"])
     with pytest.raises(DataError, match=r"field 'prompt' must be a string or a list of \{role, content\} messages"):
-        data.load_jsonl(write_jsonl(tmp_path / "f.jsonl", [{"prompt": [{"role": "user"}]}]), "ppo")
+        data.load_jsonl(write_jsonl(tmp_path / "f.jsonl", [{"prompt": [{"role": "user"}]}]), FIELDS["ppo"])
     bad_chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]}
     with pytest.raises(DataError, match=r"line 1: field 'messages' must be a list of .* before a final assistant turn"):
-        data.load_jsonl(write_jsonl(tmp_path / "g.jsonl", [bad_chat]), "sft")
+        data.load_jsonl(write_jsonl(tmp_path / "g.jsonl", [bad_chat]), FIELDS["sft"])
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(DataError, match=r"empty\.jsonl holds no examples"):
-        data.load_jsonl(str(tmp_path / "empty.jsonl"), "sft")
+        data.load_jsonl(str(tmp_path / "empty.jsonl"), FIELDS["sft"])
 
 
 def test_hf_datasets_are_optional(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match=r"data.task 'hf:some/set' needs the datasets package: pip install datasets"):
-        data.load_hf("some/set", "train", "grpo")
+        data.load_hf("some/set", "train", FIELDS["grpo"])
     rows = {"train": [{"question": "q1", "answer": "1"}, {"question": "q2", "answer": "2"}], "test": []}
     fake = types.SimpleNamespace(load_dataset=lambda name, split: rows[split])
     monkeypatch.setitem(sys.modules, "datasets", fake)
     fields = data.field_map(DataSection(prompt_field="question"))
     expected = [{"prompt": "q1", "answer": "1"}, {"prompt": "q2", "answer": "2"}]
-    assert data.load_hf("some/set", "train", "grpo", fields) == expected
+    assert data.load_hf("some/set", "train", FIELDS["grpo"], fields) == expected
     with pytest.raises(DataError, match=r"some/set \[train\] row 0: missing field 'chosen'"):
-        data.load_hf("some/set", "train", "dpo", fields)
+        data.load_hf("some/set", "train", FIELDS["dpo"], fields)
     with pytest.raises(DataError, match=r"some/set \[test\] holds no examples"):
-        data.load_hf("some/set", "test", "grpo", fields)
+        data.load_hf("some/set", "test", FIELDS["grpo"], fields)
 
 
 def test_arithmetic_task_answers_its_prompts():
@@ -116,9 +123,9 @@ def test_preference_task_has_a_known_hidden_preference():
     examples = data.preference_task(100, seed=1, target="a")
     assert examples == data.preference_task(100, seed=1, target="a")
     for example in examples:
-        assert data.preference_score(example["chosen"]) > data.preference_score(example["rejected"])
+        assert count_target(example["chosen"], "a") > count_target(example["rejected"], "a")
         assert example["completion"] == example["chosen"] and example["preference_target"] == "a"
-    assert data.preference_score("banana cat", "a") == 4.0
+    assert count_target("banana cat", "a") == 4.0
     other = data.preference_task(20, seed=1, target="o")
     assert all(ex["chosen"].count("o") > ex["rejected"].count("o") for ex in other)
     with pytest.raises(DataError, match=r"preference target 'q' occurs in none of the task's words"):
@@ -127,14 +134,18 @@ def test_preference_task_has_a_known_hidden_preference():
 
 def test_load_examples_dispatches_on_the_task(tmp_path):
     synthetic = SyntheticSection(num_examples=50, digits=1)
-    examples = data.load_examples(DataSection(task="arithmetic", synthetic=synthetic), "grpo", seed=0)
-    assert len(examples) == 50 and set(examples[0]) == {"prompt", "completion", "answer"}
-    pairs = data.load_examples(DataSection(task="preference", synthetic=synthetic, apply_chat_template=True), "dpo", 0)
+    examples = data.load_examples(DataSection(task="arithmetic", synthetic=synthetic), FIELDS["grpo"], seed=0)
+    assert len(examples) == 50
+    for task, fields in data.TASK_FIELDS.items():  # what the config checks rely on
+        loaded = data.load_examples(DataSection(task=task, synthetic=synthetic), ("prompt",), 0)
+        assert set(loaded[0]) == set(fields), task
+    chats = DataSection(task="preference", synthetic=synthetic, apply_chat_template=True)
+    pairs = data.load_examples(chats, FIELDS["dpo"], 0)
     assert pairs[0]["prompt"][0]["role"] == "user" and pairs[0]["chosen"]
     with pytest.raises(DataError, match=r"synthetic task 'arithmetic' example 0: missing field 'chosen'"):
-        data.load_examples(DataSection(task="arithmetic", synthetic=synthetic), "dpo", 0)
+        data.load_examples(DataSection(task="arithmetic", synthetic=synthetic), FIELDS["dpo"], 0)
     path = write_jsonl(tmp_path / "t.jsonl", [{"q": "x", "completion": "y"}])
-    loaded = data.load_examples(DataSection(task=path, prompt_field="q"), "sft", 0)
+    loaded = data.load_examples(DataSection(task=path, prompt_field="q"), FIELDS["sft"], 0)
     assert loaded == [{"prompt": "x", "completion": "y"}]
 
 
@@ -150,24 +161,17 @@ def test_split_eval_is_seeded_and_disjoint():
 
 
 def test_batches_are_epoch_permutations_and_resume_exactly():
-    examples = [{"i": i} for i in range(10)]
-    batches = [batch for _, (_, batch) in zip(range(9), data.iterate_batches(examples, 3, seed=5))]
+    batches = [data.batch_indices(10, 3, step, seed=5).tolist() for step in range(9)]
     for epoch in range(3):
-        ids = [e["i"] for batch in batches[3 * epoch : 3 * epoch + 3] for e in batch]
+        ids = [i for batch in batches[3 * epoch : 3 * epoch + 3] for i in batch]
         assert len(set(ids)) == 9  # no repeats within an epoch; one example is left over
     assert batches[:3] != batches[3:6]  # each epoch draws its own order
-    resumed = data.iterate_batches(examples, 3, seed=5, start_step=4)
-    assert [next(resumed) for _ in range(5)] == list(enumerate(batches))[4:9]
-    assert [b for _, (_, b) in zip(range(9), data.iterate_batches(examples, 3, seed=6))] != batches
+    assert [data.batch_indices(10, 3, step, seed=5).tolist() for step in range(4, 9)] == batches[4:9]
+    assert [data.batch_indices(10, 3, step, seed=6).tolist() for step in range(9)] != batches
     assert data.batch_indices(10, 3, step=4, seed=0, shuffle=False).tolist() == [3, 4, 5]
     with pytest.raises(DataError, match=r"the dataset has 2 training examples, fewer than one batch of 3; lower "
                                         r"data.batch_size"):
-        next(data.iterate_batches(examples[:2], 3, seed=0))
-
-
-def test_collate_makes_columns():
-    columns = data.collate([{"prompt": "a", "answer": "1"}, {"prompt": "b", "extra": 2}])
-    assert columns == {"prompt": ["a", "b"], "answer": ["1", None], "extra": [None, 2]}
+        data.batch_indices(2, 3, step=0, seed=0)
 
 
 def test_prompts_over_the_budget_error_truncate_or_skip():
@@ -182,27 +186,3 @@ def test_prompts_over_the_budget_error_truncate_or_skip():
     assert [e["prompt"] for e in data.tokenize_prompts(examples, char_tokenize, 8, "skip")] == ["short"]
     with pytest.raises(DataError, match=r"every prompt is longer than data.max_prompt_len=3"):
         data.tokenize_prompts(examples, char_tokenize, 3, "skip")
-
-
-def test_padding_into_buckets():
-    assert [data.bucket_length(n, 100) for n in (0, 1, 16, 17, 33, 64, 65, 99)] == [16, 16, 16, 32, 64, 64, 100, 100]
-    ids, mask = data.left_pad([[5, 6, 7], [8], []], 4, pad_id=0)
-    np.testing.assert_array_equal(ids, [[0, 5, 6, 7], [0, 0, 0, 8], [0, 0, 0, 0]])
-    np.testing.assert_array_equal(mask, [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]])
-    assert ids.dtype == np.int32 and mask.dtype == bool
-    ids, mask = data.right_pad([[5, 6], [7]], 3, pad_id=1)
-    np.testing.assert_array_equal(ids, [[5, 6, 1], [7, 1, 1]])
-    np.testing.assert_array_equal(mask, [[1, 1, 0], [1, 0, 0]])
-    with pytest.raises(ValueError, match="sequence 0 has 3 tokens, more than the padded length 2"):
-        data.left_pad([[1, 2, 3]], 2, 0)
-    ids, mask = data.pad_prompts([list(range(20)), [1]], 64, 0)
-    assert ids.shape == (2, 32) and mask.sum() == 21 and ids[1, -1] == 1
-
-
-def test_prompt_completion_layout():
-    tokens, mask, loss_mask = data.pad_prompt_completion([[1, 2], [3]], [[7, 8, 9], list(range(10, 40))], 16, 20, 0)
-    assert tokens.shape == (2, 16 + 20)
-    np.testing.assert_array_equal(tokens[0, 14:19], [1, 2, 7, 8, 9])
-    np.testing.assert_array_equal(tokens[1, 15:17], [3, 10])
-    assert mask[1].sum() == 1 + 20 and loss_mask[1].sum() == 20  # completion cut at max_completion_len
-    assert loss_mask[0, :16].sum() == 0 and loss_mask[0].sum() == 3 and mask[0].sum() == 5

@@ -5,10 +5,11 @@ import os
 
 import pytest
 
-from jaxrl_llm import eval as eval_cli, plot as plot_cli
+from jaxrl_llm import eval as eval_cli
+from jaxrl_llm import plot as plot_cli
 from jaxrl_llm.config import load_config
-from jaxrl_llm.loop import train
-from jaxrl_llm.models.hf import packaged_model, read_checkpoint
+from jaxrl_llm.models.load import packaged_model, read_checkpoint
+from jaxrl_llm.run import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -35,7 +36,8 @@ def report(capsys, *argv) -> dict:
 
 def test_eval_of_a_run_folder_equals_its_hf_export_and_reports_samples(sft_run, capsys):
     from_checkpoint = report(capsys, sft_run.run_dir, "--samples", "2")
-    from_hf = report(capsys, os.path.join(sft_run.run_dir, "hf"), "--config", os.path.join(sft_run.run_dir, "config.yaml"))
+    own_config = os.path.join(sft_run.run_dir, "config.yaml")
+    from_hf = report(capsys, os.path.join(sft_run.run_dir, "hf"), "--config", own_config)
     assert from_checkpoint["examples"] == 8 and len(from_checkpoint["samples"]) == 2
     assert set(from_checkpoint["samples"][0]) == {"prompt", "answer", "expected"}
     for name in ("eval/accuracy", "eval/reward", "eval/response_length"):

@@ -9,12 +9,12 @@ import optax
 import pytest
 
 from jaxrl_llm.algorithms import common
-from jaxrl_llm.algorithms.common import rollout_batch
+from jaxrl_llm.algorithms.batches import RolloutBatch
 from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step
 from jaxrl_llm.config import GRPOSection
 from jaxrl_llm.models.transformer import ModelConfig, Transformer, init_params, positions_from_mask
 from jaxrl_llm.sampling import SamplingConfig, generate
-from jaxrl_llm.state import TrainState
+from jaxrl_llm.state import TrainState, make_optimizer
 
 CONFIG = ModelConfig(
     vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -34,22 +34,22 @@ def rollout(seed, prompts=2, P=4, N=6):
         p, n = rng.integers(1, P + 1), rng.integers(1, N + 1)
         mask[r, P - p:P + n] = 1
         completion[r, P:P + n] = 1
-    return {
-        "tokens": tokens * mask, "mask": mask, "completion_mask": completion, "prompt_mask": mask[:, :P],
-        "rewards": rng.normal(size=R).astype(np.float32), "truncated": completion.sum(1) == N,
-    }
-
-
-def ref_logp(params, batch):
-    logits, _ = Transformer(CONFIG).apply(
-        {"params": params}, batch["tokens"], positions_from_mask(batch["mask"]), batch["mask"]
+    return RolloutBatch(
+        tokens_RxT=tokens * mask, mask_RxT=mask, completion_mask_RxT=completion, prompt_mask_RxP=mask[:, :P],
+        rewards_R=rng.normal(size=R).astype(np.float32), truncated_R=completion.sum(1) == N,
     )
-    z = np.asarray(logits, np.float64)
-    out = np.zeros(batch["tokens"].shape)
+
+
+def ref_logp(params, batch: RolloutBatch, temperature=1.0):
+    """log π(token_t | <t) at `temperature` from full logits, in float64 numpy."""
+    tokens, mask = batch.tokens_RxT, batch.mask_RxT
+    logits, _ = Transformer(CONFIG).apply({"params": params}, tokens, positions_from_mask(mask), mask)
+    z = np.asarray(logits, np.float64) / temperature
+    out = np.zeros(tokens.shape)
     for r in range(out.shape[0]):
         for t in range(1, out.shape[1]):
             zt = z[r, t - 1]
-            out[r, t] = zt[batch["tokens"][r, t]] - zt.max() - np.log(np.exp(zt - zt.max()).sum())
+            out[r, t] = zt[tokens[r, t]] - zt.max() - np.log(np.exp(zt - zt.max()).sum())
     return out
 
 
@@ -75,7 +75,7 @@ def params():
 
 
 def fresh_state(params, ref_params=None, lr=1e-2, tx=None):
-    tx = tx or common.make_optimizer(lr, 100, grad_clip=None)
+    tx = tx or make_optimizer(lr, 100, grad_clip=None)
     return GRPOState(policy=TrainState.create(params, tx), ref_params=ref_params)
 
 
@@ -83,12 +83,67 @@ def fresh_state(params, ref_params=None, lr=1e-2, tx=None):
 def test_on_policy_loss_is_minus_aggregated_advantage(params, aggregation):
     cfg = GRPOSection(group_size=G, kl_coef=0.0, aggregation=aggregation)
     batch = rollout(0)
-    _, metrics = jax.jit(make_grpo_step(CONFIG, cfg, max_completion_len=6))(fresh_state(params), batch, jax.random.key(0))
-    adv = numpy_group_adv(batch["rewards"])
-    want = numpy_aggregate(-adv[:, None] * np.ones_like(batch["mask"]), batch["completion_mask"], aggregation, 6)
+    step = jax.jit(make_grpo_step(CONFIG, cfg, max_completion_len=6))
+    _, metrics = step(fresh_state(params), batch, jax.random.key(0))
+    adv = numpy_group_adv(batch.rewards_R)
+    want = numpy_aggregate(-adv[:, None] * np.ones_like(batch.mask_RxT), batch.completion_mask_RxT, aggregation, 6)
     np.testing.assert_allclose(float(metrics["pg_loss"]), want, rtol=1e-4, atol=1e-6)
     assert float(metrics["clipfrac"]) == 0.0
     np.testing.assert_allclose(float(metrics["ratio/mean"]), 1.0, atol=1e-6)
+
+
+def numpy_rloo_adv(rewards):
+    adv = np.zeros_like(rewards, np.float64)
+    for start in range(0, len(rewards), G):
+        group = rewards[start:start + G].astype(np.float64)
+        adv[start:start + G] = [group[i] - np.delete(group, i).mean() for i in range(G)]
+    return adv
+
+
+def numpy_reinforce_pp_baseline_adv(rewards, mask):
+    """verl's reinforce_plus_plus_baseline: r − group mean on every valid token, whitened over them."""
+    centered = np.concatenate([g - g.mean() for g in rewards.astype(np.float64).reshape(-1, G)])
+    values = np.repeat(centered[:, None], mask.shape[1], axis=1)[mask > 0]
+    mean, var = values.mean(), values.var(ddof=1)
+    return (centered[:, None] - mean) / np.sqrt(var + 1e-8) * mask
+
+
+@pytest.mark.parametrize("advantage", ["rloo", "reinforce_plus_plus_baseline"])
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_advantage_estimators_match_numpy(params, advantage, aggregation):
+    cfg = GRPOSection(group_size=G, kl_coef=0.0, aggregation=aggregation, advantage=advantage)
+    batch = rollout(8)
+    _, metrics = jax.jit(make_grpo_step(CONFIG, cfg))(fresh_state(params), batch, jax.random.key(0))
+    mask = batch.completion_mask_RxT
+    if advantage == "rloo":
+        adv = numpy_rloo_adv(batch.rewards_R)[:, None] * np.ones_like(mask)
+    else:
+        adv = numpy_reinforce_pp_baseline_adv(batch.rewards_R, mask)
+    np.testing.assert_allclose(float(metrics["pg_loss"]), numpy_aggregate(-adv, mask, aggregation, None), rtol=1e-4,
+                               atol=1e-6)
+    valid = adv[mask > 0]
+    np.testing.assert_allclose([metrics["advantages/min"], metrics["advantages/max"]], [valid.min(), valid.max()],
+                               rtol=1e-5)
+
+
+def test_the_step_scores_at_the_temperature_the_rollout_was_sampled_at(params):
+    """The rollout carries the sampler's temperature: the step's log-probs at it equal the sampler's,
+    and its k3 KL is that of the T-scaled policies."""
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.7, n=G, stop_token_ids=(1,), pad_token_id=0)
+    out = generate(params, [[2, 3, 4], [5, 6]], jax.random.key(3), sampling, CONFIG)
+    batch = RolloutBatch.from_completions(out, np.arange(2 * G, dtype=np.float32))
+    assert out.logp_temperature == batch.temperature == 0.7
+    _, logp, _ = common.rollout_scores(params, CONFIG, batch)
+    P = batch.prompt_width
+    np.testing.assert_allclose(np.asarray(logp)[:, P:] * np.asarray(out.mask_RxN), out.logp_RxN, atol=1e-5)
+    ref_params = jax.tree.map(lambda p: p * 0.9, params)
+    cfg = GRPOSection(group_size=G, kl_coef=0.1, kl_estimator="k3", aggregation="token_mean")
+    _, metrics = jax.jit(make_grpo_step(CONFIG, cfg))(fresh_state(params, ref_params), batch, jax.random.key(0))
+    host = jax.device_get(batch)
+    l = ref_logp(params, host, 0.7) - ref_logp(ref_params, host, 0.7)
+    k3, m = np.exp(-l) - 1 + l, np.asarray(host.completion_mask_RxT)
+    assert float(metrics["kl/token"]) > 0
+    np.testing.assert_allclose(float(metrics["kl/token"]), (k3 * m).sum() / m.sum(), rtol=1e-3)
 
 
 def test_one_update_per_rollout_follows_the_reinforce_gradient(params):
@@ -97,14 +152,13 @@ def test_one_update_per_rollout_follows_the_reinforce_gradient(params):
     cfg = GRPOSection(group_size=G, kl_coef=0.0, aggregation="token_mean")
     batch = rollout(6)
     state, _ = jax.jit(make_grpo_step(CONFIG, cfg))(fresh_state(params, tx=optax.sgd(1.0)), batch, jax.random.key(0))
-    adv = jnp.asarray(numpy_group_adv(batch["rewards"]), jnp.float32)
-    cm = jnp.asarray(batch["completion_mask"], jnp.float32)
+    adv = jnp.asarray(numpy_group_adv(batch.rewards_R), jnp.float32)
+    cm = jnp.asarray(batch.completion_mask_RxT, jnp.float32)
+    tokens, mask = batch.tokens_RxT, batch.mask_RxT
 
     def reinforce(p):
-        logits, _ = Transformer(CONFIG).apply(
-            {"params": p}, batch["tokens"], positions_from_mask(batch["mask"]), batch["mask"]
-        )
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), batch["tokens"][:, 1:, None], -1)[..., 0]
+        logits, _ = Transformer(CONFIG).apply({"params": p}, tokens, positions_from_mask(mask), mask)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1)[..., 0]
         return -jnp.sum(adv[:, None] * logp * cm[:, 1:]) / cm.sum()
 
     want = jax.tree.map(lambda p, g: p - g, params, jax.grad(reinforce)(params))
@@ -117,10 +171,10 @@ def test_kl_in_reward_is_subtracted_before_the_group_baseline(params):
     cfg = GRPOSection(group_size=G, kl_coef=0.5, kl_estimator="k1", kl_placement="reward", aggregation="token_mean")
     batch = rollout(1)
     _, metrics = jax.jit(make_grpo_step(CONFIG, cfg))(fresh_state(params, ref_params), batch, jax.random.key(0))
-    seq_kl = ((ref_logp(params, batch) - ref_logp(ref_params, batch)) * batch["completion_mask"]).sum(1)
+    seq_kl = ((ref_logp(params, batch) - ref_logp(ref_params, batch)) * batch.completion_mask_RxT).sum(1)
     np.testing.assert_allclose(float(metrics["kl"]), seq_kl.mean(), rtol=1e-4)
-    adv = numpy_group_adv(batch["rewards"] - 0.5 * seq_kl)
-    want = numpy_aggregate(-adv[:, None] * np.ones_like(batch["mask"]), batch["completion_mask"], "token_mean", None)
+    adv = numpy_group_adv(batch.rewards_R - 0.5 * seq_kl)
+    want = numpy_aggregate(-adv[:, None] * np.ones_like(batch.mask_RxT), batch.completion_mask_RxT, "token_mean", None)
     np.testing.assert_allclose(float(metrics["pg_loss"]), want, rtol=1e-4, atol=1e-6)
 
 
@@ -131,10 +185,11 @@ def test_k3_kl_in_loss_matches_numpy(params):
     _, metrics = jax.jit(make_grpo_step(CONFIG, cfg))(fresh_state(params, ref_params), batch, jax.random.key(0))
     l = ref_logp(params, batch) - ref_logp(ref_params, batch)
     k3 = np.exp(-l) - 1 + l
-    m = batch["completion_mask"]
+    m = batch.completion_mask_RxT
     np.testing.assert_allclose(float(metrics["kl/token"]), (k3 * m).sum() / m.sum(), rtol=1e-4)
     np.testing.assert_allclose(float(metrics["kl"]), (k3 * m).sum(1).mean(), rtol=1e-4)
-    np.testing.assert_allclose(float(metrics["loss"]), float(metrics["pg_loss"]) + 0.1 * (k3 * m).sum() / m.sum(), rtol=1e-4)
+    want = float(metrics["pg_loss"]) + 0.1 * (k3 * m).sum() / m.sum()
+    np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-4)
 
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
@@ -184,22 +239,22 @@ def test_every_switch_runs_and_updates(params, changes):
 
 
 def test_scoring_only_the_completion_changes_nothing(params):
-    """A rollout's `prompt_mask` makes the step skip the LM head on prompt positions (and the
+    """A rollout's prompt width makes the step skip the LM head on prompt positions (and the
     full KL there); every metric and update equals scoring all positions."""
     ref_params = jax.tree.map(lambda p: p * 0.9, params)
     cfg = GRPOSection(group_size=G, kl_coef=0.1, kl_estimator="full", kl_placement="loss", num_iterations=2)
     step = jax.jit(make_grpo_step(CONFIG, cfg))
     batch = rollout(7)
-    everywhere = {k: v for k, v in batch.items() if k != "prompt_mask"}
+    everywhere = batch.replace(prompt_mask_RxP=batch.prompt_mask_RxP[:, :1])  # scored from position 1
     state, metrics = step(fresh_state(params, ref_params, tx=optax.sgd(1.0)), batch, jax.random.key(0))
     want_state, want = step(fresh_state(params, ref_params, tx=optax.sgd(1.0)), everywhere, jax.random.key(0))
     for name in want:
         np.testing.assert_allclose(metrics[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
     for got, expected in zip(jax.tree.leaves(state.policy.params), jax.tree.leaves(want_state.policy.params)):
         np.testing.assert_allclose(got, expected, atol=1e-6)
-    P = batch["prompt_mask"].shape[1]
-    logp = common.hidden_logprobs(params, CONFIG, common.final_hidden(params, CONFIG, batch["tokens"], batch["mask"]),
-                                  batch["tokens"], first=P)
+    P = batch.prompt_width
+    hidden = common.final_hidden(params, CONFIG, batch.tokens_RxT, batch.mask_RxT)
+    logp = common.hidden_logprobs(params, CONFIG, hidden, batch.tokens_RxT, first=P)
     assert not np.any(np.asarray(logp)[:, :P])
     np.testing.assert_allclose(logp[:, P:], ref_logp(params, batch)[:, P:], atol=1e-5)
 
@@ -222,6 +277,6 @@ def test_grpo_learns_a_token_preference(params):
     for i in range(12):
         out = generate(state.policy.params, prompts, jax.random.key(100 + i), sampling, CONFIG)
         rewards = ((np.asarray(out.tokens_RxN) == 5) * np.asarray(out.mask_RxN)).sum(1) / 8.0
-        state, metrics = step(state, rollout_batch(out, rewards), jax.random.key(i))
+        state, metrics = step(state, RolloutBatch.from_completions(out, rewards), jax.random.key(i))
         history.append(float(metrics["reward/mean"]))
     assert history[0] < 0.2 and np.mean(history[-3:]) > 0.6, history

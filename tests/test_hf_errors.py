@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from jaxrl_llm.models.hf import ModelLoadError, export_hf, load_model, load_scalar_model
+from jaxrl_llm.models.load import ModelLoadError, export_hf, load_model, load_scalar_model
 from jaxrl_llm.models.transformer import ModelConfig, init_params
 
 CONFIG = ModelConfig(

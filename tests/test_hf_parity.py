@@ -17,16 +17,9 @@ import pytest
 import torch
 import transformers
 
-from jaxrl_llm.models.hf import (
-    ModelLoadError,
-    config_from_hf,
-    config_to_hf,
-    export_hf,
-    forward,
-    init_scalar_params_from_lm,
-    load_model,
-    load_scalar_model,
-)
+from jaxrl_llm.errors import ModelLoadError
+from jaxrl_llm.models.hf_config import config_from_hf, config_to_hf
+from jaxrl_llm.models.load import export_hf, forward, init_scalar_params_from_lm, load_model, load_scalar_model
 from jaxrl_llm.models.transformer import ScalarModel, init_params
 
 TINY = dict(

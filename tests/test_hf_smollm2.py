@@ -3,7 +3,7 @@
 import numpy as np
 import transformers
 
-from jaxrl_llm.models.hf import export_hf
+from jaxrl_llm.models.load import export_hf
 from jaxrl_llm.tokenizer import apply_chat_template, encode_prompts
 
 CHATS = [

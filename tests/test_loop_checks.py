@@ -1,4 +1,4 @@
-"""The run loop's guards: what it refuses before training, and rollout details that are easy to get wrong."""
+"""The run layer's guards: what it refuses before training, and rollout details that are easy to get wrong."""
 
 import dataclasses
 import os
@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_llm import loop
 from jaxrl_llm import tokenizer as tok
 from jaxrl_llm.config import ConfigError, load_config
-from jaxrl_llm.models.hf import export_hf, init_scalar_params_from_lm
+from jaxrl_llm.models.load import export_hf, init_scalar_params_from_lm
+from jaxrl_llm.run import rollouts
+from jaxrl_llm.run.loop import train
+from jaxrl_llm.run.policy import load_policy
 from jaxrl_llm.sampling import Completions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,13 +25,13 @@ def preset(name, *overrides):
 
 def test_tiny_vocab_smaller_than_the_tokenizer_is_refused():
     with pytest.raises(ConfigError, match=r"model.tiny.vocab_size \(50\) is smaller than the character tokenizer"):
-        loop.load_policy(preset("sft", "model.tiny.vocab_size=50"))
+        load_policy(preset("sft", "model.tiny.vocab_size=50"))
 
 
 def test_stop_ids_outside_the_vocabulary_are_refused_before_the_warm_start(tmp_path):
     config = preset("default", f"run_dir={tmp_path}", "sampling.stop_token_ids=[5, 100000]")
     with pytest.raises(ConfigError, match=r"sampling.stop_token_ids \[100000\] are not token ids of this model"):
-        loop.train(config, quiet=True)
+        train(config, quiet=True)
     assert not (tmp_path / "sft_warmup").exists()
 
 
@@ -45,13 +47,14 @@ def fake_completions(R: int, tag: int) -> Completions:
 
 def test_dynamic_sampling_fills_with_tied_groups_never_a_kept_one_twice():
     G, P = 2, 4
-    rollouts = loop.Rollouts.__new__(loop.Rollouts)  # only `_dynamic`'s fields; no model needed
-    rollouts.config = preset("dapo", "grpo.dynamic_sampling_max_tries=2")
-    rollouts.group_size, rollouts.examples = G, [{"prompt": "x", "prompt_ids": [1]}] * 100
+    sampler = rollouts.Rollouts.__new__(rollouts.Rollouts)  # only `_dynamic`'s fields; no model needed
+    sampler.config = preset("dapo", "grpo.dynamic_sampling_max_tries=2")
+    sampler.group_size, sampler.examples = G, [{"prompt": "x", "prompt_ids": [1]}] * 100
+    sampler.sampling = rollouts.SamplingConfig(pad_token_id=0)
     # Every later round ties, so the fill has to come from the first round.
-    rollouts.sample = lambda params, prompts, key, sampling=None: (fake_completions(P * G, 9), np.zeros(P * G), {}, None)
+    sampler.sample = lambda params, prompts, key, sampling=None: (fake_completions(P * G, 9), np.zeros(P * G), {}, None)
     first_R = np.array([0, 1, 0, 0, 1, 0, 0, 0], np.float32)  # groups 0 and 2 informative
-    merged, rewards_R, tries = rollouts._dynamic(None, [None] * P, fake_completions(P * G, 0), first_R, step=0)
+    merged, rewards_R, tries = sampler._dynamic(None, [None] * P, fake_completions(P * G, 0), first_R, step=0)
     groups = np.asarray(merged.prompt_tokens_RxP[:, 0]).reshape(P, G)[:, 0] // G
     assert tries == 2 and sorted(groups) == [0, 1, 2, 3]
     np.testing.assert_array_equal(rewards_R.reshape(P, G)[np.argsort(groups)], first_R.reshape(P, G))
@@ -61,11 +64,11 @@ def test_reward_model_scores_the_prompt_ids_the_policy_saw(tmp_path):
     config = preset(
         "default", "data.max_prompt_len=16", "data.max_completion_len=6", "data.prompt_overflow=truncate",
     )
-    policy = loop.load_policy(config)
+    policy = load_policy(config)
     params = init_scalar_params_from_lm(policy.params, jax.random.key(1), policy.config)
     export_hf(params, tmp_path, policy.config, policy.tokenizer)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, reward_model_path=str(tmp_path)))
-    _, rm_reward = loop.reward_model_function(config, policy)
+    _, rm_reward = rollouts.reward_model_reward(config, policy)
     long = "Please compute this for me: what is 17 + 25 exactly?"
     ids = tok.prompt_ids(policy.tokenizer, long)[-16:]  # what truncation leaves the policy
     assert len(tok.prompt_ids(policy.tokenizer, long)) > 16
@@ -75,16 +78,16 @@ def test_reward_model_scores_the_prompt_ids_the_policy_saw(tmp_path):
 
 
 def test_a_failed_hf_export_leaves_the_previous_one_whole(tmp_path, monkeypatch):
-    from jaxrl_llm.models import hf
+    from jaxrl_llm.models import load
 
-    policy = loop.load_policy(preset("default"))
+    policy = load_policy(preset("default"))
     export_hf(policy.params, tmp_path, policy.config, policy.tokenizer)
     before = {name: (tmp_path / name).read_bytes() for name in ("model.safetensors", "config.json")}
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf, "config_to_hf", fail)  # fails after the new weights are written
+    monkeypatch.setattr(load, "config_to_hf", fail)  # fails after the new weights are written
     changed = jax.tree.map(lambda p: p + 1.0, policy.params)
     with pytest.raises(OSError, match="disk full"):
         export_hf(changed, tmp_path, policy.config, policy.tokenizer)

@@ -5,7 +5,7 @@ import json
 import os
 
 from jaxrl_llm.config import load_config
-from jaxrl_llm.loop import train
+from jaxrl_llm.run import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The default preset with a third of its GRPO phase; the warm start and the held-out split are the

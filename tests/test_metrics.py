@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxrl_llm import metrics
+from jaxrl_llm.errors import DataError
 
 
 def test_jsonl_rows_and_plot(tmp_path):
@@ -27,9 +28,9 @@ def test_jsonl_rows_and_plot(tmp_path):
 
 
 def test_missing_run_dir_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+    with pytest.raises(DataError, match="metrics.jsonl"):
         metrics.read_metrics(str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match="none of the metrics"):
+    with pytest.raises(DataError, match="none of the metrics"):
         writer = metrics.MetricsWriter(str(tmp_path / "r"))
         writer.write(0, {"other": 1.0})
         writer.close()

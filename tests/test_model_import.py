@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jax
 
-from jaxrl_llm.models.hf import export_hf
+from jaxrl_llm.models.load import export_hf
 from jaxrl_llm.models.transformer import ModelConfig, init_params
 
 REPO = Path(__file__).resolve().parents[1]

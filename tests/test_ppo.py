@@ -6,19 +6,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_grpo import CONFIG, ref_logp, rollout
 
 from jaxrl_llm.algorithms import common
+from jaxrl_llm.algorithms.batches import RolloutBatch
 from jaxrl_llm.algorithms.ppo import PPOState, make_ppo_step
 from jaxrl_llm.config import PPOSection
-from jaxrl_llm.models.transformer import ModelConfig, init_params
+from jaxrl_llm.models.transformer import init_params
 from jaxrl_llm.sampling import SamplingConfig, generate
-from jaxrl_llm.state import TrainState
-from test_grpo import CONFIG, ref_logp, rollout
+from jaxrl_llm.state import TrainState, make_optimizer
 
 
 def make_state(params, value_params, ref_params, reward_params, kl_coef=0.1, lr=1e-2):
-    actor = TrainState.create(params, common.make_optimizer(lr, 100))
-    critic = TrainState.create(value_params, common.make_optimizer(lr, 100))
+    actor = TrainState.create(params, make_optimizer(lr, 100))
+    critic = TrainState.create(value_params, make_optimizer(lr, 100))
     return PPOState.create(actor, critic, ref_params, reward_params, kl_coef)
 
 
@@ -51,13 +52,13 @@ def test_rollout_rewards_gae_and_returns_match_numpy(models):
     _, metrics = jax.jit(make_ppo_step(CONFIG, cfg))(
         make_state(params, value_params, ref_params, reward_params), batch, jax.random.key(0)
     )
-    m = batch["completion_mask"].astype(np.float64)
+    m = batch.completion_mask_RxT.astype(np.float64)
     kl = (ref_logp(params, batch) - ref_logp(ref_params, batch)) * m
-    values_all, score = common.scalar_scores(value_params, CONFIG, batch["tokens"], batch["mask"])
-    _, score = common.scalar_scores(reward_params, CONFIG, batch["tokens"], batch["mask"])
+    values_all, score = common.scalar_scores(value_params, CONFIG, batch.tokens_RxT, batch.mask_RxT)
+    _, score = common.scalar_scores(reward_params, CONFIG, batch.tokens_RxT, batch.mask_RxT)
     values = np.zeros(m.shape)
     values[:, 1:] = np.asarray(values_all, np.float64)[:, :-1]
-    score = np.asarray(score, np.float64) - 0.5 * batch["truncated"]
+    score = np.asarray(score, np.float64) - 0.5 * batch.truncated_R
     rewards = -0.1 * kl
     for r in range(len(m)):
         rewards[r, np.flatnonzero(m[r])[-1]] += score[r]
@@ -90,8 +91,10 @@ def test_actor_and_critic_both_update(models, changes):
 
 def test_adaptive_kl_raises_beta_when_kl_is_over_target(models):
     params, value_params, ref_params, reward_params = models
-    step = jax.jit(make_ppo_step(CONFIG, PPOSection(kl_estimator="k3", adaptive_kl=True, kl_target=1e-6, kl_horizon=100, epochs=1)))
-    state, metrics = step(make_state(params, value_params, ref_params, reward_params, kl_coef=0.1), rollout(2), jax.random.key(0))
+    cfg = PPOSection(kl_estimator="k3", adaptive_kl=True, kl_target=1e-6, kl_horizon=100, epochs=1)
+    step = jax.jit(make_ppo_step(CONFIG, cfg))
+    state = make_state(params, value_params, ref_params, reward_params, kl_coef=0.1)
+    state, metrics = step(state, rollout(2), jax.random.key(0))
     np.testing.assert_allclose(float(state.kl_coef), 0.1 * (1 + 0.2 * 8 / 100), rtol=1e-6)
 
 
@@ -107,7 +110,7 @@ def test_ppo_learns_from_host_rewards(models):
     for i in range(12):
         out = generate(state.actor.params, prompts, jax.random.key(100 + i), sampling, CONFIG)
         rewards = ((np.asarray(out.tokens_RxN) == 5) * np.asarray(out.mask_RxN)).sum(1) / 8.0
-        state, metrics = step(state, common.rollout_batch(out, rewards), jax.random.key(i))
+        state, metrics = step(state, RolloutBatch.from_completions(out, rewards), jax.random.key(i))
         history.append((float(metrics["score/mean"]), float(metrics["vf_loss"])))
     scores, value_losses = zip(*history)
     assert scores[0] < 0.2 and np.mean(scores[-3:]) > 0.5, scores

@@ -113,7 +113,3 @@ def test_failing_reward_functions_are_named(user_module):
     with pytest.raises(RewardError, match=r"no reward functions given"):
         rewards.combine([])
 
-
-def test_overlong_reward_matches_dapo():
-    lengths = [10, 16, 17, 18, 19, 20, 25]  # L_max = 20, L_cache = 4: free up to 16, then down to -1 at 20
-    np.testing.assert_allclose(rewards.overlong_reward(lengths, 20, 4), [0, 0, -0.25, -0.5, -0.75, -1, -1])

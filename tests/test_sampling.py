@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from jaxrl_llm.models.transformer import ModelConfig, Transformer, init_params, positions_from_mask
+from jaxrl_llm.padding import Bucketing
 from jaxrl_llm.sampling import (
     SamplingConfig,
     _generate,
-    bucket_length,
     compiled_variants,
     generate,
     pad_prompts,
@@ -25,8 +25,8 @@ TINY = ModelConfig(
     num_kv_heads=2, head_dim=16, initializer_range=0.2, max_position_embeddings=128,
 )
 PROMPTS = [[5, 17, 3], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11], [42], [200, 201, 202, 203, 204]]
-SAMPLE = SamplingConfig(max_new_tokens=10, temperature=1.0, bucket_size=8)
-GREEDY = SamplingConfig(max_new_tokens=10, temperature=0.0, bucket_size=8)
+SAMPLE = SamplingConfig(max_new_tokens=10, temperature=1.0, bucketing=Bucketing("pow2", 8))
+GREEDY = SamplingConfig(max_new_tokens=10, temperature=0.0, bucketing=Bucketing("pow2", 8))
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def rescore(params, out, temperature, model_config=TINY):
 
 @pytest.mark.parametrize("config", [
     GREEDY,
-    SamplingConfig(max_new_tokens=12, temperature=0.7, top_k=20, stop_token_ids=(3, 4), bucket_size=8),
-    SamplingConfig(max_new_tokens=9, temperature=1.6, top_p=0.9, n=2, bucket_size=16),
+    SamplingConfig(max_new_tokens=12, temperature=0.7, top_k=20, stop_token_ids=(3, 4), bucketing=Bucketing("pow2", 8)),
+    SamplingConfig(max_new_tokens=9, temperature=1.6, top_p=0.9, n=2, bucketing=Bucketing("pow2", 16)),
 ], ids=["greedy", "t0.7-topk-stops", "t1.6-topp-n2"])
 def test_logprobs_equal_full_forward(params, config):
     out = generate(params, PROMPTS, jax.random.key(1), config, TINY)
@@ -76,8 +76,8 @@ def test_prepadded_pair_and_right_padding_match_lists(params):
 def test_top_k_1_and_tiny_top_p_are_greedy(params):
     greedy = generate(params, PROMPTS, jax.random.key(1), GREEDY, TINY).tokens_RxN
     for config in [
-        SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=1, bucket_size=8),
-        SamplingConfig(max_new_tokens=10, temperature=1.5, top_p=1e-6, bucket_size=8),
+        SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=1, bucketing=Bucketing("pow2", 8)),
+        SamplingConfig(max_new_tokens=10, temperature=1.5, top_p=1e-6, bucketing=Bucketing("pow2", 8)),
     ]:
         np.testing.assert_array_equal(generate(params, PROMPTS, jax.random.key(7), config, TINY).tokens_RxN, greedy)
 
@@ -95,7 +95,7 @@ def test_stop_tokens_end_rows_and_mask_the_rest(params):
     free = generate(params, PROMPTS, jax.random.key(5), SAMPLE, TINY)
     tokens_RxN = np.asarray(free.tokens_RxN)
     stops = (int(tokens_RxN[0, 2]), int(tokens_RxN[1, 6]))
-    config = SamplingConfig(max_new_tokens=10, stop_token_ids=stops, pad_token_id=0, bucket_size=8)
+    config = SamplingConfig(max_new_tokens=10, stop_token_ids=stops, pad_token_id=0, bucketing=Bucketing("pow2", 8))
     out = generate(params, PROMPTS, jax.random.key(5), config, TINY)
     assert not np.asarray(out.truncated_R)[:2].any()
     for row in range(len(PROMPTS)):
@@ -112,7 +112,7 @@ def test_stop_tokens_end_rows_and_mask_the_rest(params):
 def test_n_samples_equal_repeated_prompts(params):
     n = 3
     grouped = generate(params, PROMPTS, jax.random.key(9), SamplingConfig(
-        max_new_tokens=10, n=n, bucket_size=8), TINY)
+        max_new_tokens=10, n=n, bucketing=Bucketing("pow2", 8)), TINY)
     repeated = generate(params, [p for p in PROMPTS for _ in range(n)], jax.random.key(9), SAMPLE, TINY)
     np.testing.assert_array_equal(grouped.tokens_RxN, repeated.tokens_RxN)
     np.testing.assert_allclose(grouped.logp_RxN, repeated.logp_RxN, atol=1e-5)
@@ -135,7 +135,7 @@ def _shapes(jaxpr) -> set[tuple[int, ...]]:
 
 
 def test_prefill_runs_once_per_prompt_not_per_sample(params):
-    config = SamplingConfig(max_new_tokens=4, n=3, bucket_size=16)
+    config = SamplingConfig(max_new_tokens=4, n=3, bucketing=Bucketing("pow2", 16))
     tokens_BxP, mask_BxP = pad_prompts(PROMPTS[:2], config, TINY)
     jaxpr = jax.make_jaxpr(lambda p, t, m, k: _generate(p, t, m, k, config, TINY))(
         params, tokens_BxP, mask_BxP, jax.random.key(0)
@@ -148,23 +148,16 @@ def test_prefill_runs_once_per_prompt_not_per_sample(params):
 
 
 def test_bucketing_keeps_compiles_few(params):
-    config = SamplingConfig(max_new_tokens=3, temperature=0.0, bucket_size=8)
+    config = SamplingConfig(max_new_tokens=3, temperature=0.0, bucketing=Bucketing("pow2", 8))
     rng = np.random.default_rng(0)
     lengths = [3, 5, 8, 9, 12, 16, 4, 14, 7, 11]
     before = compiled_variants()
     for longest in lengths:
         batch = [rng.integers(1, 256, size=int(k)).tolist() for k in (longest, max(1, longest - 2))]
         generate(params, batch, jax.random.key(0), config, TINY)
-    buckets = {bucket_length(k, config) for k in lengths}
+    buckets = {config.bucketing.length(k) for k in lengths}
     assert buckets == {8, 16}
     assert compiled_variants() - before == len(buckets)
-
-
-def test_bucket_lengths():
-    pow2 = SamplingConfig(bucket_size=16)
-    multiple = SamplingConfig(bucket="multiple", bucket_size=24)
-    assert [bucket_length(k, pow2) for k in (1, 16, 17, 33, 100)] == [16, 16, 32, 64, 128]
-    assert [bucket_length(k, multiple) for k in (1, 24, 25, 49)] == [24, 24, 48, 72]
 
 
 def test_bf16_logprobs_close_to_fp32(params):
@@ -213,7 +206,7 @@ def test_sampler_draws_the_truncated_distribution(config):
 
 @pytest.mark.parametrize("bad, field", [
     (dict(top_p=0.0), "top_p"), (dict(temperature=-1.0), "temperature"), (dict(n=0), "n"),
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(bucket="exact"), "bucket"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(top_k=-1), "top_k"), (dict(cache_dtype="int8"), "cache_dtype"),
 ])
 def test_config_validation_names_the_field(bad, field):

@@ -79,15 +79,17 @@ def test_mesh_errors_name_the_fix():
         sharding.mesh_shape(3, 2, 1, 8)
     with pytest.raises(sharding.ShardingError, match=r"use 3 devices, which does not divide the 8"):
         sharding.mesh_shape(-1, 3, 1, 8)
-    with pytest.raises(sharding.ShardingError, match=r"'kv_heads' dimension of size 2 cannot be split 8 ways over mesh.tensor; choose mesh.tensor dividing 2"):
+    with pytest.raises(sharding.ShardingError, match=r"'kv_heads' dimension of size 2 cannot be split 8 ways over "
+                                                     r"mesh.tensor; choose mesh.tensor dividing 2"):
         sharding.param_specs(TINY, abstract_mesh(1, 1, 8))
-    with pytest.raises(sharding.ShardingError, match=r"'embed' dimension of size 32 cannot be split 3 ways over mesh.fsdp"):
+    with pytest.raises(sharding.ShardingError,
+                       match=r"'embed' dimension of size 32 cannot be split 3 ways over mesh.fsdp"):
         sharding.param_specs(TINY, abstract_mesh(1, 3, 1))
 
 
 def test_a_run_on_a_mesh_larger_than_the_machine_fails_before_compiling(tmp_path):
     from jaxrl_llm.config import load_config
-    from jaxrl_llm.loop import train
+    from jaxrl_llm.run import train
 
     config = load_config(None, [f"run_dir={tmp_path}", "mesh.data=2", "data.batch_size=16"])
     with pytest.raises(sharding.ShardingError, match=r"1 are available"):

@@ -11,16 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrl_llm.algorithms import common
+from jaxrl_llm.algorithms.batches import PairBatch, RolloutBatch, SequenceBatch
 from jaxrl_llm.algorithms.dpo import DPOState, make_dpo_step
 from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step
 from jaxrl_llm.algorithms.ppo import PPOState, make_ppo_step
 from jaxrl_llm.algorithms.rm import make_rm_step, pair_rewards
 from jaxrl_llm.algorithms.sft import make_sft_step
-from jaxrl_llm.config import GRPOSection, PPOSection
+from jaxrl_llm.config import DPOSection, GRPOSection, PPOSection, RMSection
 from jaxrl_llm.core import reward_model_loss
 from jaxrl_llm.models.transformer import ModelConfig, init_params
-from jaxrl_llm.state import TrainState
+from jaxrl_llm.state import TrainState, make_optimizer
 
 # Untied lm_head, Qwen2 attention biases (zero-initialised) and Qwen3 q/k norms: every kind of leaf.
 # (The tied-embedding model of test_grpo / test_ppo / test_algorithms_offline is checked there.)
@@ -41,23 +41,24 @@ def sequences(rng, B=4, P=4, C=5, vocab=24):
         p, c = rng.integers(1, P + 1), rng.integers(1, C + 1)
         mask[b, P - p:P + c] = 1
         completion[b, P:P + c] = 1
-    return {"tokens": tokens * mask, "mask": mask, "completion_mask": completion}
+    return SequenceBatch(tokens * mask, mask, completion)
 
 
 def pairs(rng, B=4):
-    chosen, rejected = sequences(rng, B), sequences(rng, B)
-    return {f"{name}_{k}": v for name, seq in (("chosen", chosen), ("rejected", rejected)) for k, v in seq.items()}
+    return PairBatch(sequences(rng, B), sequences(rng, B))
 
 
-def rollout(rng, R=2 * G, C=5):
+def rollout(rng, R=2 * G, P=4, C=5):
     """G rows per prompt with host rewards; an answer that fills all C positions counts as truncated."""
-    batch = sequences(rng, R, C=C)
-    return {**batch, "rewards": rng.normal(size=R).astype(np.float32),
-            "truncated": batch["completion_mask"].sum(1) == C}
+    batch = sequences(rng, R, P=P, C=C)
+    return RolloutBatch(
+        batch.tokens_BxT, batch.mask_BxT, batch.completion_mask_BxT, batch.mask_BxT[:, :P],
+        rng.normal(size=R).astype(np.float32), batch.completion_mask_BxT.sum(1) == C,
+    )
 
 
 def optimizer():
-    return common.make_optimizer(LR, 100)
+    return make_optimizer(LR, 100)
 
 
 def tiny_params(config, seed, scalar_head=False):
@@ -90,13 +91,13 @@ def setup_sft(config):
 def setup_rm(config, center_coef=0.01):
     # center_coef > 0: without it the head's bias gets no gradient (see the Bradley–Terry test below).
     state = TrainState.create(tiny_params(config, 0, scalar_head=True), optimizer())
-    return state, make_rm_step(config, center_coef=center_coef), pairs, {"rm": lambda s: s.params}, {}
+    return state, make_rm_step(config, RMSection(center_coef=center_coef)), pairs, {"rm": lambda s: s.params}, {}
 
 
 def setup_dpo(config):
     params = tiny_params(config, 0)
     state = DPOState(policy=TrainState.create(params, optimizer()), ref_params=own_copy(params))
-    return (state, make_dpo_step(config, beta=0.5), pairs, {"policy": lambda s: s.policy.params},
+    return (state, make_dpo_step(config, DPOSection(beta=0.5)), pairs, {"policy": lambda s: s.policy.params},
             {"ref": lambda s: s.ref_params})
 
 
@@ -130,7 +131,8 @@ LOSSES = {"sft": ("loss",), "rm": ("loss",), "dpo": ("loss",), "grpo": ("loss", 
 def snapshot(state, parts):
     """{part: {path: numpy copy}} of the selected param trees (the step donates its state)."""
     return {
-        part: {jax.tree_util.keystr(path): np.array(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(get(state))}
+        part: {jax.tree_util.keystr(path): np.array(leaf)
+               for path, leaf in jax.tree_util.tree_leaves_with_path(get(state))}
         for part, get in parts.items()
     }
 

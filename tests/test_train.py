@@ -14,9 +14,16 @@ import numpy as np
 import pytest
 
 from jaxrl_llm import checkpoint
-from jaxrl_llm.config import ALGORITHMS, load_config
-from jaxrl_llm.loop import TrainingError, finish, load_policy, prepare_examples, run_phase, sft_phase, train
+from jaxrl_llm.config import load_config
+from jaxrl_llm.errors import TrainingError
 from jaxrl_llm.metrics import MetricsWriter
+from jaxrl_llm.run.examples import prepare_examples
+from jaxrl_llm.run.loop import finish, run_phase, train
+from jaxrl_llm.run.phases import sft_phase
+from jaxrl_llm.run.policy import load_policy
+from jaxrl_llm.run.registry import ALGORITHMS
+
+SFT_FIELDS = ALGORITHMS["sft"].fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -73,7 +80,8 @@ def test_sft_run_leaves_its_files_and_resumes_exactly(tmp_path):
     common = ["data.batch_size=8", "train.eval_every=3", "train.checkpoint_every=3", "data.max_completion_len=16",
               "data.max_prompt_len=48"]
     whole = train(config("sft", tmp_path / "whole", "train.total_steps=6", *common), quiet=True)
-    for name in ("metrics.jsonl", "metrics.png", "summary.json", "config.yaml", "hf/config.json", "hf/model.safetensors"):
+    files = ("metrics.jsonl", "metrics.png", "summary.json", "config.yaml", "hf/config.json", "hf/model.safetensors")
+    for name in files:
         assert os.path.exists(os.path.join(whole.run_dir, name)), name
     logged = rows(whole.run_dir)
     assert [r["step"] for r in logged] == list(range(6)) and "eval/loss" in logged[2]
@@ -81,7 +89,8 @@ def test_sft_run_leaves_its_files_and_resumes_exactly(tmp_path):
     train(config("sft", tmp_path / "split", "train.total_steps=3", *common), quiet=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # running longer is no change worth a warning
-        resumed = train(config("sft", tmp_path / "split", "train.total_steps=6", "train.resume=true", *common), quiet=True)
+        longer = config("sft", tmp_path / "split", "train.total_steps=6", "train.resume=true", *common)
+        resumed = train(longer, quiet=True)
     for a, b in zip(jax.tree.leaves(whole.policy.params), jax.tree.leaves(resumed.policy.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     assert [r["step"] for r in rows(resumed.run_dir)] == list(range(6))
@@ -182,7 +191,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = config("sft", tmp_path / "nan", "train.total_steps=6", "train.checkpoint_every=2", "train.eval_every=0",
                  "data.batch_size=8", "data.max_completion_len=16", "data.max_prompt_len=48")
     policy = load_policy(cfg)
-    phase = sft_phase(cfg, policy, *prepare_examples(cfg, policy.tokenizer))
+    phase = sft_phase(cfg, policy, *prepare_examples(cfg, policy.tokenizer, SFT_FIELDS))
     good_step = phase.step
 
     def poisoned(state, batch, key):
@@ -201,10 +210,11 @@ def test_ctrl_c_saves_the_last_finished_step_and_resume_matches_the_uninterrupte
     common = ["data.batch_size=8", "train.eval_every=0", "train.checkpoint_every=0", "data.max_completion_len=16",
               "data.max_prompt_len=48", "optim.lr=3e-3"]
     start = load_policy(config("sft", tmp_path / "whole", *common))
-    examples = prepare_examples(config("sft", tmp_path / "whole", *common), start.tokenizer)
+    examples = prepare_examples(config("sft", tmp_path / "whole", *common), start.tokenizer, SFT_FIELDS)
     runs, evaluate = {}, None
     for name, overrides in (("whole", []), ("cut", []), ("resumed", ["train.resume=true"])):
-        cfg = config("sft", tmp_path / ("whole" if name == "whole" else "cut"), "train.total_steps=6", *common, *overrides)
+        run_dir = tmp_path / ("whole" if name == "whole" else "cut")
+        cfg = config("sft", run_dir, "train.total_steps=6", *common, *overrides)
         policy = dataclasses.replace(start, params=jax.tree.map(jnp.copy, start.params))  # the step donates its state
         phase = sft_phase(cfg, policy, *examples)
         evaluate = evaluate or phase.evaluate  # its jitted loss compiles once
@@ -212,9 +222,7 @@ def test_ctrl_c_saves_the_last_finished_step_and_resume_matches_the_uninterrupte
         if name != "cut":
             runs[name] = run_phase(cfg, phase, policy, quiet=True)
             continue
-        make_batch = phase.make_batch
-
-        def interrupted_at_4(state, step):
+        def interrupted_at_4(state, step, make_batch=phase.make_batch):
             if step == 4:
                 raise KeyboardInterrupt
             return make_batch(state, step)

@@ -1,13 +1,11 @@
-"""What every training step shares: scoring sequences, optimizers, gradient accumulation.
+"""What every training step shares: scoring sequences, gradient accumulation, metric reduction.
 
-Shapes: B sequences, T tokens, M microbatches, D hidden size.
+Shapes: B sequences, T tokens, M microbatches, D hidden size, U updates.
 
-A sequence batch is a dict of `tokens` [B,T] (prompt left-padded, then the completion,
-right-padded), `mask` [B,T] (1 on real tokens) and `completion_mask` [B,T] (1 on the tokens
-a loss sees). Position t of a log-prob array scores token t given tokens < t; position 0
-scores nothing and holds 0. A rollout batch also carries its `prompt_mask` [B,P]: no loss sees
-a prompt token, so its log-probs are not computed (the LM head runs on the completion only, as
-TRL's `logits_to_keep`) and hold 0 too.
+Position t of a log-prob array scores token t given tokens < t; position 0 scores nothing and
+holds 0. In a rollout no loss sees a prompt token, so log-probs are computed from the prompt
+width on (the LM head runs on the completion only, as TRL's `logits_to_keep`); earlier positions
+hold 0 too.
 """
 
 from __future__ import annotations
@@ -17,8 +15,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 
+from jaxrl_llm.algorithms.batches import RolloutBatch
 from jaxrl_llm.core import chunked_full_kl, chunked_token_logprobs
 from jaxrl_llm.models.transformer import (
     ModelConfig,
@@ -27,42 +25,14 @@ from jaxrl_llm.models.transformer import (
     lm_head_weight,
     positions_from_mask,
 )
-from jaxrl_llm.sampling import Completions
-
-LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
-def rollout_batch(completions: Completions, rewards_R=None) -> dict:
-    """An RL step's input: prompt + completion tokens and masks, truncation flags and the
-    host-scored rewards (zeros when a reward model scores inside the step)."""
-    P = completions.prompt_tokens_RxP.shape[1]
-    tokens_RxT = jnp.concatenate([completions.prompt_tokens_RxP, completions.tokens_RxN], axis=1)
-    completion_RxT = jnp.concatenate(
-        [jnp.zeros_like(completions.prompt_mask_RxP), completions.mask_RxN.astype(jnp.int32)], axis=1
-    )
-    mask_RxT = completion_RxT.at[:, :P].set(completions.prompt_mask_RxP.astype(jnp.int32))
-    return {
-        "tokens": tokens_RxT,
-        "mask": mask_RxT,
-        "completion_mask": completion_RxT,
-        "prompt_mask": completions.prompt_mask_RxP.astype(jnp.int32),
-        "rewards": jnp.zeros(tokens_RxT.shape[0], jnp.float32) if rewards_R is None
-        else jnp.asarray(rewards_R, jnp.float32),
-        "truncated": completions.truncated_R,
-    }
-
-
-def final_hidden(params, model_config: ModelConfig, tokens_BxT, mask_BxT):
+def final_hidden(params, model_config: ModelConfig, tokens_BxT, mask_BxT) -> jax.Array:
     """Final-normed hidden states [B,T,D] of the decoder."""
     hidden_BxTxD, _ = Transformer(model_config).apply(
         {"params": params}, tokens_BxT, positions_from_mask(mask_BxT), mask_BxT, return_hidden=True
     )
     return hidden_BxTxD
-
-
-def first_scored(batch: dict) -> int:
-    """The first position whose log-prob a step needs: a rollout's prompt width, else 1."""
-    return batch["prompt_mask"].shape[1] if "prompt_mask" in batch else 1
 
 
 def hidden_logprobs(
@@ -110,18 +80,19 @@ def shift_right(x_BxN, by: int = 1):
     return jnp.pad(x_BxN, ((0, 0), (by, 0)))
 
 
-def policy_scores(
-    params, model_config: ModelConfig, batch: dict, temperature: float = 1.0,
-    with_entropy: bool = False, chunk_size: int | None = None,
+def rollout_scores(
+    params, model_config: ModelConfig, batch: RolloutBatch, with_entropy: bool = False,
+    chunk_size: int | None = None,
 ):
-    """(final hidden [B,T,D], log-probs [B,T], entropy [B,T] or None) of a sequence batch."""
-    hidden_BxTxD = final_hidden(params, model_config, batch["tokens"], batch["mask"])
+    """(final hidden [R,T,D], log-probs [R,T], entropy [R,T] or None) of a rollout's answers, at the
+    temperature they were sampled at."""
+    hidden_RxTxD = final_hidden(params, model_config, batch.tokens_RxT, batch.mask_RxT)
     scored = hidden_logprobs(
-        params, model_config, hidden_BxTxD, batch["tokens"], temperature, with_entropy, chunk_size,
-        first_scored(batch),
+        params, model_config, hidden_RxTxD, batch.tokens_RxT, batch.temperature, with_entropy, chunk_size,
+        batch.prompt_width,
     )
-    logp_BxT, entropy_BxT = scored if with_entropy else (scored, None)
-    return hidden_BxTxD, logp_BxT, entropy_BxT
+    logp_RxT, entropy_RxT = scored if with_entropy else (scored, None)
+    return hidden_RxTxD, logp_RxT, entropy_RxT
 
 
 def update_rows(key: jax.Array, num_rows: int, num_minibatches: int, passes: int):
@@ -145,36 +116,6 @@ def scalar_scores(params, model_config: ModelConfig, tokens_BxT, mask_BxT):
     )
     last_B = last_token_index(mask_BxT)
     return values_BxT, jnp.take_along_axis(values_BxT, last_B[:, None], axis=1)[:, 0]
-
-
-def learning_rate_schedule(lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0):
-    """Linear warm-up to `lr`, then constant, linear decay to 0, or cosine decay to 0."""
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"lr schedule {schedule!r} is not one of {LR_SCHEDULES}.")
-    decay_steps = max(total_steps - warmup_steps, 1)
-    after = {
-        "constant": optax.constant_schedule(lr),
-        "linear": optax.linear_schedule(lr, 0.0, decay_steps),
-        "cosine": optax.cosine_decay_schedule(lr, decay_steps),
-    }[schedule]
-    if warmup_steps <= 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])
-
-
-def make_optimizer(
-    lr: float, total_steps: int, schedule: str = "constant", warmup_steps: int = 0,
-    weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-    grad_clip: float | None = 1.0,
-) -> optax.GradientTransformation:
-    """AdamW with global-norm gradient clipping and a learning-rate schedule."""
-    adamw = optax.adamw(
-        learning_rate_schedule(lr, total_steps, schedule, warmup_steps),
-        b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-    )
-    if grad_clip is None or grad_clip <= 0:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)
 
 
 def split_microbatches(batch: dict, num_microbatches: int) -> dict:

@@ -1,29 +1,32 @@
-"""GRPO (Shao et al. 2024) and its successors as switches: DAPO, GSPO, SAPO, CISPO, Dr. GRPO.
+"""GRPO (Shao et al. 2024) and its successors as switches: DAPO, GSPO, SAPO, CISPO, Dr. GRPO, RLOO,
+REINFORCE++-baseline.
 
 Shapes: R rows (prompts × G samples, a prompt's samples contiguous), T tokens (prompt, left-padded,
-then completion, right-padded), P prompt length, N completion length, U updates (μ × minibatches).
+then completion, right-padded), D hidden size, U updates (μ × minibatches).
 
-One jitted step takes a rollout whose rewards are already scored on the host and does, in order:
-old and reference log-probs with the rollout's params; KL in the reward if configured (the seed
-design: r_i − β·Σ_t KL_t before the group baseline); DAPO overlong shaping; group advantages; then
-μ passes over shuffled minibatches of clipped / soft-gated policy-gradient updates (`lax.scan`).
+One jitted step takes a `RolloutBatch` whose rewards are already scored on the host and does, in
+order: old and reference log-probs with the rollout's params; KL in the reward if configured (the
+seed design: r_i − β·Σ_t KL_t before the group baseline); DAPO overlong shaping; the configured
+advantage estimator; then μ passes over shuffled minibatches of clipped / soft-gated
+policy-gradient updates (`lax.scan`). Log-probs are taken at the temperature the rollout was
+sampled at (the batch carries it), as TRL does.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jaxrl_llm.algorithms.batches import RolloutBatch
 from jaxrl_llm.algorithms.common import (
     accumulate_gradients,
-    first_scored,
     hidden_full_kl,
-    policy_scores,
     reduce_metrics,
+    rollout_scores,
     update_rows,
 )
 from jaxrl_llm.config import GRPOSection
@@ -34,6 +37,8 @@ from jaxrl_llm.core import (
     loss_normalizer,
     overlong_penalty,
     policy_loss,
+    reinforce_plus_plus_baseline,
+    rloo_advantages,
 )
 from jaxrl_llm.models.transformer import ModelConfig
 from jaxrl_llm.state import TrainState
@@ -51,13 +56,21 @@ def uses_reference(cfg: GRPOSection) -> bool:
     return cfg.kl_coef > 0 and cfg.kl_placement != "none"
 
 
-def make_grpo_step(
-    model_config: ModelConfig, cfg: GRPOSection, temperature: float = 1.0, num_microbatches: int = 1,
-    max_completion_len: int | None = None, chunk_size: int | None = None,
-):
-    """`step(state, batch, key) -> (state, metrics)` on a `rollout_batch` of prompts × G samples.
+def advantages(cfg: GRPOSection, rewards_R: jax.Array, mask_RxT: jax.Array) -> jax.Array:
+    """The configured estimator's advantages: one per answer [R], or per token [R,T]."""
+    if cfg.advantage == "rloo":
+        return rloo_advantages(rewards_R, cfg.group_size)
+    if cfg.advantage == "reinforce_plus_plus_baseline":
+        return reinforce_plus_plus_baseline(rewards_R, cfg.group_size, mask_RxT)
+    return group_advantages(rewards_R, cfg.group_size, cfg.adv_scaling, cfg.std, cfg.std_eps)
 
-    Log-probs are scored at the sampling temperature, as the sampler's policy (TRL does the same).
+
+def make_grpo_step(
+    model_config: ModelConfig, cfg: GRPOSection, num_microbatches: int = 1,
+    max_completion_len: int | None = None, chunk_size: int | None = None,
+) -> Callable[[GRPOState, RolloutBatch, jax.Array], tuple[GRPOState, dict]]:
+    """`step(state, batch, key) -> (state, metrics)` on a `RolloutBatch` of prompts × G samples.
+
     `max_completion_len` is Dr. GRPO's constant L and DAPO's L_max (default: the row width T).
     """
     with_ref = uses_reference(cfg)
@@ -69,79 +82,82 @@ def make_grpo_step(
     full_kl = cfg.kl_estimator == "full"
     loss_kwargs = _loss_kwargs(cfg)
 
-    def scored(params, batch, with_entropy=False):
-        return policy_scores(params, model_config, batch, temperature, with_entropy, chunk_size)
-
-    def step(state: GRPOState, batch: dict, key: jax.Array):
-        batch = jax.tree.map(jnp.asarray, batch)
-        R, T = batch["tokens"].shape
+    def step(state: GRPOState, batch: RolloutBatch, key: jax.Array):
+        R, T = batch.tokens_RxT.shape
         max_len = max_completion_len or T
 
-        def token_kl(params, hidden_RxTxD, logp_RxT, ref_hidden_RxTxD, ref_logp_RxT):
+        def scored(params, rows: RolloutBatch, with_entropy=False):
+            return rollout_scores(params, model_config, rows, with_entropy, chunk_size)
+
+        def token_kl(params, rows, hidden_RxTxD, logp_RxT, ref_hidden_RxTxD, ref_logp_RxT):
             if full_kl:
                 return hidden_full_kl(
                     params, hidden_RxTxD, state.ref_params, ref_hidden_RxTxD, model_config,
-                    temperature, chunk_size, first_scored(batch),
+                    rows.temperature, chunk_size, rows.prompt_width,
                 )
             return kl_estimate(logp_RxT, ref_logp_RxT, cfg.kl_estimator)
 
-        lengths_R = batch["completion_mask"].sum(axis=1)
+        lengths_R = batch.completion_mask_RxT.sum(axis=1)
         if cfg.overlong_filtering:
-            kept_R = 1 - batch["truncated"].astype(batch["completion_mask"].dtype)
-            batch = {**batch, "completion_mask": batch["completion_mask"] * kept_R[:, None]}
+            kept_R = 1 - batch.truncated_R.astype(batch.completion_mask_RxT.dtype)
+            batch = batch.replace(completion_mask_RxT=batch.completion_mask_RxT * kept_R[:, None])
+        targets, metrics = {}, {}
         if not reuse_logp:
             old_hidden_RxTxD, old_logp_RxT, _ = jax.lax.stop_gradient(scored(state.policy.params, batch))
-            batch = {**batch, "old_logp": old_logp_RxT}
-        rewards_R = batch["rewards"]
-        metrics = {}
+            targets["old_logp_RxT"] = old_logp_RxT
+        rewards_R = batch.rewards_R
         if with_ref:
             ref_hidden_RxTxD, ref_logp_RxT, _ = scored(state.ref_params, batch)
-            batch["ref_logp"] = ref_logp_RxT
+            targets["ref_logp_RxT"] = ref_logp_RxT
             if full_kl:
-                batch["ref_hidden"] = ref_hidden_RxTxD
+                targets["ref_hidden_RxTxD"] = ref_hidden_RxTxD
         if with_ref and cfg.kl_placement == "reward":
             kl_RxT = token_kl(
-                state.policy.params, old_hidden_RxTxD, old_logp_RxT, ref_hidden_RxTxD, ref_logp_RxT
+                state.policy.params, batch, old_hidden_RxTxD, old_logp_RxT, ref_hidden_RxTxD, ref_logp_RxT
             )
-            seq_kl_R = jnp.sum(kl_RxT * batch["completion_mask"], axis=1)
+            seq_kl_R = jnp.sum(kl_RxT * batch.completion_mask_RxT, axis=1)
             rewards_R = rewards_R - cfg.kl_coef * seq_kl_R
             metrics["kl"] = jnp.mean(seq_kl_R)
-            metrics["kl/token"] = aggregate(kl_RxT, batch["completion_mask"])
+            metrics["kl/token"] = aggregate(kl_RxT, batch.completion_mask_RxT)
         if cfg.overlong_shaping:
             shaping_R = overlong_penalty(lengths_R, max_len, cfg.overlong_buffer)
             rewards_R = rewards_R + shaping_R
             metrics["reward/overlong"] = jnp.mean(shaping_R)
-        batch["adv"] = group_advantages(rewards_R, cfg.group_size, cfg.adv_scaling, cfg.std, cfg.std_eps)
+        targets["adv"] = advantages(cfg, rewards_R, batch.completion_mask_RxT)
 
-        def loss_fn(params, mb, normalizer):
-            hidden_RxTxD, logp_RxT, entropy_RxT = scored(params, mb, with_entropy=True)
-            mask_RxT = mb["completion_mask"]
-            old_logp_RxT = jax.lax.stop_gradient(logp_RxT) if reuse_logp else mb["old_logp"]
-            pg_RxT, out = policy_loss(logp_RxT, old_logp_RxT, mb["adv"], mask_RxT, cfg.loss, **loss_kwargs)
+        def loss_fn(params, micro, normalizer):
+            rows, row_targets = micro
+            hidden_RxTxD, logp_RxT, entropy_RxT = scored(params, rows, with_entropy=True)
+            mask_RxT = rows.completion_mask_RxT
+            old_logp_RxT = jax.lax.stop_gradient(logp_RxT) if reuse_logp else row_targets["old_logp_RxT"]
+            pg_RxT, out = policy_loss(logp_RxT, old_logp_RxT, row_targets["adv"], mask_RxT, cfg.loss, **loss_kwargs)
             loss = aggregate(pg_RxT, mask_RxT, cfg.aggregation, normalizer, max_len=max_len)
             out = {**out, "pg_loss": loss, "entropy": aggregate(entropy_RxT, mask_RxT)}
             if with_ref and cfg.kl_placement == "loss":
-                kl_RxT = token_kl(params, hidden_RxTxD, logp_RxT, mb.get("ref_hidden"), mb["ref_logp"])
+                kl_RxT = token_kl(
+                    params, rows, hidden_RxTxD, logp_RxT, row_targets.get("ref_hidden_RxTxD"),
+                    row_targets["ref_logp_RxT"],
+                )
                 kl_loss = aggregate(kl_RxT, mask_RxT, cfg.aggregation, normalizer, max_len=max_len)
                 loss = loss + cfg.kl_coef * kl_loss
                 out["kl"] = jnp.sum(kl_RxT * mask_RxT) / mask_RxT.shape[0]
                 out["kl/token"] = aggregate(kl_RxT, mask_RxT)
             return loss, out
 
-        def one_update(policy, rows):
-            mb = jax.tree.map(lambda x: x[rows], batch)
-            normalizer = loss_normalizer(mb["completion_mask"], cfg.aggregation)
+        def one_update(policy, rows_S):
+            minibatch = jax.tree.map(lambda x: x[rows_S], (batch, targets))
+            normalizer = loss_normalizer(minibatch[0].completion_mask_RxT, cfg.aggregation)
             loss, grads, out = accumulate_gradients(
-                lambda p, micro: loss_fn(p, micro, normalizer), policy.params, mb, num_microbatches
+                lambda p, micro: loss_fn(p, micro, normalizer), policy.params, minibatch, num_microbatches
             )
             return policy.apply_gradients(grads), {"loss": loss, "grad_norm": optax.tree.norm(grads), **out}
 
         rows_UxS = update_rows(key, R, cfg.num_minibatches, cfg.num_iterations)
         policy, update_metrics = jax.lax.scan(one_update, state.policy, rows_UxS)
         metrics.update(reduce_metrics(update_metrics))
-        metrics.update(
-            _rollout_metrics(batch["rewards"], batch["adv"], lengths_R, batch["truncated"], cfg.group_size)
-        )
+        metrics.update(_rollout_metrics(
+            batch.rewards_R, targets["adv"], batch.completion_mask_RxT, lengths_R, batch.truncated_R, cfg.group_size
+        ))
         return state.replace(policy=policy), metrics
 
     return step
@@ -158,17 +174,20 @@ def _loss_kwargs(cfg: GRPOSection) -> dict:
     return dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip)
 
 
-def _rollout_metrics(rewards_R, adv_R, lengths_R, truncated_R, G: int) -> dict:
-    """Reward, advantage, response-length and truncation statistics of the rollout."""
+def _rollout_metrics(rewards_R, adv, mask_RxT, lengths_R, truncated_R, G: int) -> dict:
+    """Reward, advantage (over answers, or over valid tokens for per-token advantages),
+    response-length and truncation statistics of the rollout."""
     rewards_PxG = rewards_R.reshape(-1, G)
     lengths_R = lengths_R.astype(jnp.float32)
+    valid = jnp.ones(adv.shape, bool) if adv.ndim == 1 else mask_RxT > 0
+    some = jnp.any(valid)
     return {
         "reward/mean": jnp.mean(rewards_R),
         "reward/std": jnp.std(rewards_R),
         "reward/zero_std_groups": jnp.mean(jnp.all(rewards_PxG == rewards_PxG[:, :1], axis=1)),
-        "advantages/mean": jnp.mean(adv_R),
-        "advantages/min": jnp.min(adv_R),
-        "advantages/max": jnp.max(adv_R),
+        "advantages/mean": jnp.sum(jnp.where(valid, adv, 0.0)) / jnp.maximum(jnp.sum(valid), 1),
+        "advantages/min": jnp.where(some, jnp.min(jnp.where(valid, adv, jnp.inf)), 0.0),
+        "advantages/max": jnp.where(some, jnp.max(jnp.where(valid, adv, -jnp.inf)), 0.0),
         "response_length/mean": jnp.mean(lengths_R),
         "response_length/min": jnp.min(lengths_R),
         "response_length/max": jnp.max(lengths_R),

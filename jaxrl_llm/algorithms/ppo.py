@@ -12,23 +12,24 @@ loss); finally the adaptive KL controller's β update, if on.
 
 Alignment: the state that emits token t is the prefix tokens < t, whose value the critic gives at
 position t − 1; values are shifted right by one like the log-probs (`common.score_tokens`).
+Log-probs are taken at the temperature the rollout was sampled at (the batch carries it).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jaxrl_llm.algorithms.batches import RolloutBatch
 from jaxrl_llm.algorithms.common import (
     accumulate_gradients,
-    first_scored,
     hidden_full_kl,
-    policy_scores,
     reduce_metrics,
+    rollout_scores,
     scalar_scores,
     shift_right,
     update_rows,
@@ -60,11 +61,11 @@ class PPOState(struct.PyTreeNode):
     kl_coef: jax.Array
 
     @classmethod
-    def create(cls, actor, critic, ref_params, reward_params, kl_coef: float) -> "PPOState":
+    def create(cls, actor: TrainState, critic: TrainState, ref_params, reward_params, kl_coef: float) -> "PPOState":
         return cls(actor, critic, ref_params, reward_params, jnp.asarray(kl_coef, jnp.float32))
 
 
-def explained_variance(values_RxT, returns_RxT, mask_RxT):
+def explained_variance(values_RxT: jax.Array, returns_RxT: jax.Array, mask_RxT: jax.Array) -> jax.Array:
     """1 − Var(R − V)/Var(R) over valid tokens: 1 is a perfect critic, ≤ 0 no better than a constant."""
     def var(x):
         return aggregate(jnp.square(x - aggregate(x, mask_RxT)), mask_RxT)
@@ -73,76 +74,79 @@ def explained_variance(values_RxT, returns_RxT, mask_RxT):
 
 
 def make_ppo_step(
-    model_config: ModelConfig, cfg: PPOSection, temperature: float = 1.0, num_microbatches: int = 1,
+    model_config: ModelConfig, cfg: PPOSection, num_microbatches: int = 1,
     critic_config: ModelConfig | None = None, reward_config: ModelConfig | None = None,
     chunk_size: int | None = None,
-):
-    """`step(state, batch, key) -> (state, metrics)` on a `common.rollout_batch`."""
+) -> Callable[[PPOState, RolloutBatch, jax.Array], tuple[PPOState, dict]]:
+    """`step(state, batch, key) -> (state, metrics)` on a `RolloutBatch`, scored at its temperature."""
     critic_config = critic_config or model_config
     reward_config = reward_config or model_config
     full_kl = cfg.kl_estimator == "full"
 
-    def scored(params, batch, with_entropy=False):
-        return policy_scores(params, model_config, batch, temperature, with_entropy, chunk_size)
+    def scored(params, rows: RolloutBatch, with_entropy=False):
+        return rollout_scores(params, model_config, rows, with_entropy, chunk_size)
 
-    def values_of(params, batch):
-        values_RxT, _ = scalar_scores(params, critic_config, batch["tokens"], batch["mask"])
+    def values_of(params, rows: RolloutBatch):
+        values_RxT, _ = scalar_scores(params, critic_config, rows.tokens_RxT, rows.mask_RxT)
         return shift_right(values_RxT[:, :-1])
 
-    def step(state: PPOState, batch: dict, key: jax.Array):
-        batch = jax.tree.map(jnp.asarray, batch)
-        R = batch["tokens"].shape[0]
-        mask_RxT = batch["completion_mask"]
+    def step(state: PPOState, batch: RolloutBatch, key: jax.Array):
+        R = batch.tokens_RxT.shape[0]
+        mask_RxT = batch.completion_mask_RxT
 
         hidden_RxTxD, old_logp_RxT, _ = jax.lax.stop_gradient(scored(state.actor.params, batch))
         ref_hidden_RxTxD, ref_logp_RxT, _ = scored(state.ref_params, batch)
         if full_kl:
             kl_RxT = hidden_full_kl(
                 state.actor.params, hidden_RxTxD, state.ref_params, ref_hidden_RxTxD, model_config,
-                temperature, chunk_size, first_scored(batch),
+                batch.temperature, chunk_size, batch.prompt_width,
             )
         else:
             kl_RxT = kl_estimate(old_logp_RxT, ref_logp_RxT, cfg.kl_estimator)
         if state.reward_params is None:
-            score_R = batch["rewards"]
+            score_R = batch.rewards_R
         else:
-            _, score_R = scalar_scores(state.reward_params, reward_config, batch["tokens"], batch["mask"])
+            _, score_R = scalar_scores(state.reward_params, reward_config, batch.tokens_RxT, batch.mask_RxT)
         if cfg.reward_clip is not None:
             score_R = jnp.clip(score_R, -cfg.reward_clip, cfg.reward_clip)
         rewards_RxT = ppo_token_rewards(
-            score_R, kl_RxT, mask_RxT, state.kl_coef, batch["truncated"], cfg.missing_stop_penalty or 0.0
+            score_R, kl_RxT, mask_RxT, state.kl_coef, batch.truncated_R, cfg.missing_stop_penalty or 0.0
         )
         old_values_RxT = values_of(state.critic.params, batch)
         adv_RxT, returns_RxT = gae(rewards_RxT, old_values_RxT, mask_RxT, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv_RxT = whiten(adv_RxT, mask_RxT)
-        batch = {
-            **batch, "old_logp": old_logp_RxT, "old_values": old_values_RxT,
-            "adv": adv_RxT, "returns": returns_RxT,
+        targets = {
+            "old_logp_RxT": old_logp_RxT, "old_values_RxT": old_values_RxT, "adv_RxT": adv_RxT,
+            "returns_RxT": returns_RxT,
         }
 
-        def actor_loss(params, mb, normalizer):
-            _, logp_RxT, entropy_RxT = scored(params, mb, with_entropy=True)
-            m_RxT = mb["completion_mask"]
+        def actor_loss(params, micro, normalizer):
+            rows, row_targets = micro
+            _, logp_RxT, entropy_RxT = scored(params, rows, with_entropy=True)
+            m_RxT = rows.completion_mask_RxT
             pg_RxT, out = policy_loss(
-                logp_RxT, mb["old_logp"], mb["adv"], m_RxT, "ppo", eps_low=cfg.eps, eps_high=cfg.eps
+                logp_RxT, row_targets["old_logp_RxT"], row_targets["adv_RxT"], m_RxT, "ppo",
+                eps_low=cfg.eps, eps_high=cfg.eps,
             )
             pg_loss = aggregate(pg_RxT, m_RxT, "token_mean", normalizer)
             loss = pg_loss + entropy_bonus(entropy_RxT, m_RxT, cfg.entropy_coef, "token_mean", normalizer)
             return loss, {**out, "pg_loss": pg_loss, "entropy": aggregate(entropy_RxT, m_RxT)}
 
-        def critic_loss(params, mb, normalizer):
-            values_RxT = values_of(params, mb)
+        def critic_loss(params, micro, normalizer):
+            rows, row_targets = micro
+            values_RxT = values_of(params, rows)
             vf_RxT, out = value_loss(
-                values_RxT, mb["old_values"], mb["returns"], mb["completion_mask"], cfg.value_clip
+                values_RxT, row_targets["old_values_RxT"], row_targets["returns_RxT"], rows.completion_mask_RxT,
+                cfg.value_clip,
             )
-            vf_loss = aggregate(vf_RxT, mb["completion_mask"], "token_mean", normalizer)
+            vf_loss = aggregate(vf_RxT, rows.completion_mask_RxT, "token_mean", normalizer)
             return cfg.vf_coef * vf_loss, {**out, "vf_loss": vf_loss}
 
         def one_update(models, rows):
             actor, critic = models
-            mb = jax.tree.map(lambda x: x[rows], batch)
-            normalizer = loss_normalizer(mb["completion_mask"], "token_mean")
+            mb = jax.tree.map(lambda x: x[rows], (batch, targets))
+            normalizer = loss_normalizer(mb[0].completion_mask_RxT, "token_mean")
             _, actor_grads, actor_out = accumulate_gradients(
                 lambda p, micro: actor_loss(p, micro, normalizer), actor.params, mb, num_microbatches
             )
@@ -177,7 +181,7 @@ def make_ppo_step(
             "explained_variance": explained_variance(old_values_RxT, returns_RxT, mask_RxT),
             "response_length/mean": jnp.mean(lengths_R),
             "response_length/max": jnp.max(lengths_R),
-            "truncated_fraction": jnp.mean(batch["truncated"].astype(jnp.float32)),
+            "truncated_fraction": jnp.mean(batch.truncated_R.astype(jnp.float32)),
         }
         return state.replace(actor=actor, critic=critic, kl_coef=kl_coef), metrics
 

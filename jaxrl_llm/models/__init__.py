@@ -1,12 +1,1 @@
-"""Models: the Flax decoder and HF/GGUF conversion."""
-
-from jaxrl_llm.models.transformer import (
-    ModelConfig,
-    ScalarModel,
-    Transformer,
-    init_cache,
-    init_params,
-    lm_head_weight,
-    param_logical_axes,
-    positions_from_mask,
-)
+"""Models: the Flax decoder (transformer), HF config and weights conversion, GGUF reading, loading and export."""

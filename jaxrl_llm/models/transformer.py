@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import operator
 from typing import Any
 
 import flax.linen as nn
@@ -27,10 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ATTENTION_KINDS = ("xla", "cudnn")
 
 Cache = dict[str, jax.Array]  # {"k": [L,B,S,K,E], "v": [L,B,S,K,E]}
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +94,8 @@ class ModelConfig:
                 f"rope_type {self.rope_type!r} is not supported; use default, linear or llama3."
             )
         for field in ("dtype", "param_dtype"):
-            if getattr(self, field) not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"{field} must be float32, bfloat16 or float16.")
+            if getattr(self, field) not in DTYPES:
+                raise ValueError(f"{field} must be one of {', '.join(DTYPES)}.")
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -146,6 +149,12 @@ def attention_mask(
     if sliding_window is not None:
         visible_TxS &= query_slot_T[:, None] - key_slot_S[None, :] < sliding_window
     return visible_TxS[None] & kv_mask_BxS[:, None, :].astype(bool)
+
+
+def layer_inputs(positions_BxT, kv_mask_BxS, cache_index, num_queries: int, config: "ModelConfig"):
+    """(cos_BxTxE, sin_BxTxE, mask_BxTxS): what every layer of one pass shares."""
+    cos_BxTxE, sin_BxTxE = rope_cos_sin(positions_BxT, config)
+    return cos_BxTxE, sin_BxTxE, attention_mask(kv_mask_BxS, cache_index, num_queries, config.sliding_window)
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -245,7 +254,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD, cos_BxTxE, sin_BxTxE, mask_BxTxS, layer_cache, cache_index):
         cfg = self.config
-        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        dtype = _dtype(cfg.dtype)
 
         def projection(name, heads, head_axis):
             return Projection(
@@ -376,8 +385,9 @@ class Transformer(nn.Module):
             name="embed",
         )
         x_BxTxD = nn.with_logical_constraint(embed(tokens_BxT), ("batch", "length", "embed"))
-        cos_BxTxE, sin_BxTxE = rope_cos_sin(positions_BxT, cfg)
-        mask_BxTxS = attention_mask(kv_mask_BxS, cache_index, tokens_BxT.shape[1], cfg.sliding_window)
+        cos_BxTxE, sin_BxTxE, mask_BxTxS = layer_inputs(
+            positions_BxT, kv_mask_BxS, cache_index, tokens_BxT.shape[1], cfg
+        )
 
         layer = DecoderLayer
         if cfg.remat != "none":
@@ -440,6 +450,45 @@ def lm_head_weight(params: dict, config: ModelConfig) -> jax.Array:
     return params["lm_head"]["kernel"]
 
 
+def lm_logits(params: dict, hidden_BxD: jax.Array, config: ModelConfig) -> jax.Array:
+    """Logits [B,V] in fp32 from final-normed hidden states."""
+    head_DxV = lm_head_weight(params, config).astype(hidden_BxD.dtype)
+    return jnp.einsum("bd,dv->bv", hidden_BxD, head_DxV, preferred_element_type=jnp.float32)
+
+
+def unstack_layers(params: dict, config: ModelConfig) -> list[dict]:
+    """The stacked [L, ...] layer params as L per-layer trees, for `decode_step`."""
+    # Scanning stacked weights makes XLA CPU copy each layer's slice at every decode step, which
+    # took longer than the matmuls; slicing once per generation and unrolling the layers avoids it.
+    return [jax.tree.map(operator.itemgetter(i), params["layers"]) for i in range(config.num_layers)]
+
+
+def decode_step(
+    params: dict, layers: list[dict], tokens_BxT, positions_BxT, kv_mask_BxS, caches: list[Cache],
+    cache_index, config: ModelConfig,
+) -> tuple[jax.Array, list[Cache]]:
+    """`Transformer(config)(..., return_hidden=True)` unrolled over `unstack_layers` and one KV cache
+    {"k","v"} [B,S,K,E] per layer: the sampler's step (the same layers, norms and masks)."""
+    x_BxTxD = jnp.take(params["embed"]["embedding"], tokens_BxT, axis=0).astype(config.dtype)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
+    cos_BxTxE, sin_BxTxE, mask_BxTxS = layer_inputs(
+        positions_BxT, kv_mask_BxS, cache_index, tokens_BxT.shape[1], config
+    )
+    new_caches = []
+    for layer_params, cache in zip(layers, caches):
+        x_BxTxD, cache = DecoderLayer(config).apply(
+            {"params": layer_params}, x_BxTxD, cache, cos_BxTxE, sin_BxTxE, mask_BxTxS, cache_index
+        )
+        new_caches.append(constrain_layer_cache(cache))
+    final_norm = RMSNorm(config.rms_norm_eps, config.dtype, config.param_dtype)
+    return final_norm.apply({"params": params["final_norm"]}, x_BxTxD), new_caches
+
+
+def constrain_layer_cache(cache: Cache) -> Cache:
+    """One layer's {"k","v"} [B,S,K,E], named like the model's cache without its layer axis."""
+    return jax.tree.map(lambda c_BxSxKxE: nn.with_logical_constraint(c_BxSxKxE, CACHE_AXES[1:]), cache)
+
+
 def positions_from_mask(mask_BxT: jax.Array) -> jax.Array:
     """RoPE positions for left- or right-padded rows: count of real tokens before each slot."""
     return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
@@ -451,8 +500,6 @@ def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype: str 
     cache_dtype = _dtype(dtype or config.dtype)
     return {"k": jnp.zeros(shape, cache_dtype), "v": jnp.zeros(shape, cache_dtype)}
 
-
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "scalar_head"))

@@ -1,0 +1,72 @@
+"""Held-out evaluation of any policy: a run folder (its latest checkpoint, else its hf/ export), an HF
+folder, a .gguf file or a packaged model, on the task and split of a run's config."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import orbax.checkpoint as ocp
+
+from jaxrl_llm import checkpoint
+from jaxrl_llm.config import Config, load_config
+from jaxrl_llm.errors import ConfigError, TrainingError
+from jaxrl_llm.run.examples import prepare_examples
+from jaxrl_llm.run.policy import Policy, load_policy
+from jaxrl_llm.run.registry import algorithm, check
+from jaxrl_llm.run.rollouts import Rollouts, evaluation_rewards, reward_function
+
+
+def is_run_dir(path: str) -> bool:
+    """Whether `path` is a train.py run folder (it holds config.yaml)."""
+    return os.path.isfile(os.path.join(path, "config.yaml"))
+
+
+def load_trained_policy(config: Config, source: str) -> Policy:
+    """The policy to evaluate: a run folder's latest checkpoint (in the architecture of the run's own
+    config.yaml) or hf/ export, or any model source."""
+    if not is_run_dir(source):
+        return load_policy(config, source)
+    manager = checkpoint.checkpoint_manager(os.path.join(source, "checkpoints"))
+    if manager.latest_step() is None:
+        hf = os.path.join(source, "hf")
+        if not os.path.isdir(hf):
+            raise TrainingError(f"{source} holds neither checkpoints/ nor hf/; train it first.")
+        return load_policy(config, hf)
+    state = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    trained = state.get("policy") or state.get("actor") or state  # GRPO/DPO, PPO, SFT states
+    if "head" in trained["params"]:
+        raise TrainingError(f"{source} is a reward/value model run; evaluate a policy (sft, grpo, ppo, dpo run).")
+    own = load_config(os.path.join(source, "config.yaml"))  # the run's own architecture and tokenizer
+    return dataclasses.replace(load_policy(own), params=trained["params"])
+
+
+def evaluate(config: Config, source: str, samples: int = 3, temperature: float = 0.0, n: int = 1) -> dict:
+    """Held-out metrics of `source` on `config`'s task, with `samples` prompt/answer pairs; greedy
+    answers, or `n` per prompt sampled at `temperature`. The answers are scored by the algorithm's
+    reward functions if it has some, else by what the examples and a reward model allow."""
+    if config.data.eval_size < 1:
+        raise ConfigError("data.eval_size is 0, so no held-out examples to evaluate on; set data.eval_size=64, say.")
+    if temperature < 0 or (temperature > 0 and n < 1):
+        raise ConfigError(f"--temperature must be >= 0 and --n >= 1, got {temperature} and {n}.")
+    entry = algorithm(config)
+    config = check(dataclasses.replace(config, train=dataclasses.replace(config.train, sft_warmup_steps=0)))
+    policy = load_trained_policy(config, source)
+    check(config, policy.config.max_position_embeddings)
+    _, eval_set = prepare_examples(config, policy.tokenizer, ("prompt",))
+    section = getattr(config, entry.section) if entry.section else None
+    if hasattr(section, "reward_functions"):
+        names, weights = section.reward_functions, section.reward_weights
+    else:
+        names, weights = evaluation_rewards(config, eval_set[0])
+    rollouts = Rollouts(config, policy, eval_set, 1, reward_function(config, policy, names, weights))
+    metrics, answers = rollouts.evaluate_answers(policy.params, eval_set, temperature, n)
+    answers = answers[:: n if temperature > 0 else 1]  # one answer per prompt to show
+    shown = [
+        {"prompt": example["prompt"] if isinstance(example["prompt"], str) else example["prompt"][-1]["content"],
+         "answer": answer, **({"expected": example["answer"]} if "answer" in example else {})}
+        for example, answer in zip(eval_set[:samples], answers)
+    ]
+    decoding = f"sampled, T={temperature}, {n} per prompt" if temperature > 0 else "greedy"
+    return {"source": source, "task": config.data.task, "examples": len(eval_set), "decoding": decoding, **metrics,
+            "samples": shown}
