@@ -11,14 +11,18 @@ from typing import Callable
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def run(main: Callable[[], int | None]) -> int:
-    """`main()`'s exit code; a `JaxrlError` prints `error: <message>` and gives 2, Ctrl-C gives 130."""
-    from jaxrl_llm.errors import JaxrlError
+def run(main: Callable[[], object]) -> int:
+    """`main()`'s exit code (0 unless it returns an int); a `JaxrlError` prints `error: <message>` and
+    gives 2, Ctrl-C 130 and SIGTERM 143 (128 + the signal, as a shell reports them)."""
+    from jaxrl_llm.errors import JaxrlError, Terminated
 
     try:
-        return main() or 0
+        code = main()
+        return code if isinstance(code, int) else 0
     except JaxrlError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Terminated:
+        return 143
     except KeyboardInterrupt:
         return 130

@@ -100,23 +100,31 @@ def normalize(
 def load_jsonl(path: str, required: Sequence[str], fields: dict | None = None, chat: bool = False) -> list[dict]:
     """Examples from a JSONL file, one JSON object per line (blank lines skipped)."""
     try:
-        file = open(path, encoding="utf-8")
+        with open(path, "rb") as file:
+            lines = file.read().split(b"\n")
     except FileNotFoundError:
         raise DataError(
             f"data file {path!r} not found; set data.task to an existing .jsonl file, a built-in task "
             f"({', '.join(TASK_FIELDS)}) or hf:<dataset>."
         ) from None
+    except IsADirectoryError:
+        raise DataError(f"data file {path!r} is a folder; set data.task to a .jsonl file in it.") from None
     examples = []
-    with file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno}).") from None
-            examples.append(normalize(raw, required, fields, where, chat))
+    for number, raw_line in enumerate(lines, 1):
+        where = f"{path} line {number}"
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(
+                f"{where}: not UTF-8 text (byte {error.start} of the line); save the file as UTF-8."
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg} at column {error.colno}).") from None
+        examples.append(normalize(raw, required, fields, where, chat))
     if not examples:
         raise DataError(f"{path} holds no examples; write one JSON object per line.")
     return examples
@@ -129,8 +137,17 @@ def load_hf(
     try:
         import datasets
     except ImportError:
-        raise ImportError(f"data.task 'hf:{name}' needs the datasets package: pip install datasets") from None
-    table = datasets.load_dataset(name, split=split)
+        raise DataError(
+            f"data.task 'hf:{name}' needs the datasets package (pip install datasets), or pass the data as a "
+            "local .jsonl file."
+        ) from None
+    try:
+        table = datasets.load_dataset(name, split=split)
+    except Exception as error:  # no network, no such dataset or split: datasets raises many types
+        raise DataError(
+            f"data.task 'hf:{name}' (split {split!r}) could not be loaded ({type(error).__name__}: "
+            f"{str(error)[:200]}). Without hub access, pass a local .jsonl file or a dataset in the datasets cache."
+        ) from None
     examples = [
         normalize(dict(raw), required, fields, f"{name} [{split}] row {i}", chat) for i, raw in enumerate(table)
     ]

@@ -41,3 +41,8 @@ class CheckpointError(JaxrlError, RuntimeError):
 
 class TrainingError(JaxrlError, RuntimeError):
     """A run that cannot start or continue (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by SLURM, Kubernetes, TPU preemption): the run stopped like Ctrl-C, its last
+    finished step saved."""

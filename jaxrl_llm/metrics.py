@@ -10,7 +10,7 @@ from typing import Iterable
 
 import numpy as np
 
-from jaxrl_llm.errors import DataError
+from jaxrl_llm.errors import ConfigError, DataError
 
 MAIN_CURVES = (
     "reward/mean", "eval/accuracy", "eval/reward", "loss", "kl", "entropy", "response_length/mean", "clipfrac/high",
@@ -22,30 +22,32 @@ def _to_float(value) -> float:
 
 
 class MetricsWriter:
-    """Writes `{"step": s, **metrics}` lines to metrics.jsonl (and TensorBoard if asked); a run
-    resumed at `start_step` keeps the rows of the steps before it."""
+    """Appends `{"step": s, **metrics}` lines to metrics.jsonl (and TensorBoard if asked).
+
+    A run resumed at `start_step` keeps the rows of the steps before it: rows of later steps (those
+    the run will redo) and a line torn by a crash are dropped by writing the kept rows to a new file
+    that replaces the old one atomically, so a kill at any moment leaves every row of the steps its
+    checkpoint holds. Rows are never rewritten in place.
+    """
 
     def __init__(self, run_dir: str, tensorboard: bool = False, start_step: int = 0):
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        # A resumed run rewrites the steps after its checkpoint, so keep only the rows before it.
-        kept = [row for row in read_metrics(run_dir) if row["step"] < start_step] if (
-            start_step and os.path.exists(self.path)) else []
-        self._file = open(self.path, "w", encoding="utf-8")
-        for row in kept:
-            self._file.write(json.dumps(row) + "\n")
+        rows, torn = _read_rows(self.path) if os.path.exists(self.path) else ([], False)
+        kept = [row for row in rows if row["step"] < start_step]
+        if torn or len(kept) < len(rows):
+            _replace(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         self._tb = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
-            except ImportError as error:
-                raise ImportError(
-                    "train.tensorboard=true needs tensorboardX: pip install tensorboardX"
-                ) from error
+            except ImportError:
+                raise ConfigError("train.tensorboard=true needs tensorboardX: pip install tensorboardX") from None
             self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def write(self, step: int, metrics: dict) -> dict:
-        """Record one step's scalars; returns them as plain floats."""
+        """Record one step's scalars (one write of one whole line); returns them as plain floats."""
         row = {name: _to_float(value) for name, value in metrics.items()}
         self._file.write(json.dumps({"step": int(step), **row}) + "\n")
         self._file.flush()
@@ -60,13 +62,65 @@ class MetricsWriter:
             self._tb.close()
 
 
+def _replace(path: str, text: str) -> None:
+    """Write `text` to a new file beside `path` and rename it over `path`: readers (and a crash)
+    see the old file or the new one, never a mix."""
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)
+
+
+def _read_rows(path: str) -> tuple[list[dict], bool]:
+    """(rows, whether the last line was torn) of a metrics.jsonl; a bad line before the last names
+    the file and line."""
+    with open(path, encoding="utf-8", errors="replace") as file:
+        lines = file.read().split("\n")
+    rows, torn = [], False
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the last line, cut by a crash mid-write
+                torn = True
+                continue
+            raise DataError(f"{path} line {number} is not a JSON object; fix or delete that line.") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise DataError(f"{path} line {number} is not a metrics row (a JSON object with a step); fix or delete it.")
+        rows.append(row)
+    return rows, torn
+
+
 def read_metrics(run_dir: str) -> list[dict]:
-    """All rows of RUN_DIR/metrics.jsonl, in order."""
+    """All rows of RUN_DIR/metrics.jsonl, in order (a last line torn by a crash is skipped)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise DataError(f"{path} not found: is {run_dir!r} a run folder?")
-    with open(path, encoding="utf-8") as file:
-        return [json.loads(line) for line in file if line.strip()]
+    return _read_rows(path)[0]
+
+
+def write_summary(run_dir: str, summary: dict) -> None:
+    """RUN_DIR/summary.json, replaced atomically."""
+    _replace(os.path.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
+
+
+def read_summary(run_dir: str) -> dict:
+    """RUN_DIR/summary.json, or {} when the run has none yet."""
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as file:
+            summary = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{path} is not valid JSON; delete it (a finished run writes it again).") from None
+    if not isinstance(summary, dict):
+        raise DataError(f"{path} does not hold a JSON object; delete it (a finished run writes it again).")
+    return summary
 
 
 def _labels(run_dirs: list[str]) -> list[str]:
@@ -80,11 +134,7 @@ def _labels(run_dirs: list[str]) -> list[str]:
 
 def _with_start(run_dir: str, rows: list[dict]) -> list[dict]:
     """The rows, plus the evaluation before training (summary.json's `before/*`) as a point at step 0."""
-    path = os.path.join(run_dir, "summary.json")
-    if not os.path.exists(path):
-        return rows
-    with open(path, encoding="utf-8") as file:
-        before = {k[len("before/"):]: v for k, v in json.load(file).items() if k.startswith("before/")}
+    before = {k[len("before/"):]: v for k, v in read_summary(run_dir).items() if k.startswith("before/")}
     return [{"step": 0, **before}, *rows] if before else rows
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from jaxrl_llm import sharding
 from jaxrl_llm.core.logprobs import token_logprobs
 from jaxrl_llm.models.transformer import (
+    DTYPES,
     Cache,
     ModelConfig,
     Transformer,
@@ -69,7 +70,7 @@ class SamplingConfig:
             (self.pad_token_id >= 0, "pad_token_id must be a token id >= 0"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids >= 0"),
             (
-                self.cache_dtype in (None, "float32", "bfloat16", "float16"),
+                self.cache_dtype in (None, *DTYPES),
                 "cache_dtype must be None (the model's dtype), float32, bfloat16 or float16",
             ),
         )

@@ -1,5 +1,7 @@
 """Checkpoints: keep the last K, resume restores the exact state and its metadata."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,3 +42,14 @@ def test_keeps_last_k_and_restores_latest_exactly(tmp_path):
 def test_restore_latest_without_checkpoints_is_none(tmp_path):
     manager = checkpoint.checkpoint_manager(str(tmp_path / "empty"))
     assert checkpoint.restore_latest(manager, _state(0)) is None
+
+
+def test_orbax_wait_message_is_not_printed(caplog):
+    """`save` waits for every checkpoint to reach the disk, so orbax's warning at the next save that
+    it waited is noise; other orbax warnings still show."""
+    from absl import logging as absl_logging
+
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        absl_logging.warning("Waiting for previous save to complete took %f seconds. If this number is high...", 3.0)
+        absl_logging.warning("another orbax warning")
+    assert "Waiting for previous save" not in caplog.text and "another orbax warning" in caplog.text

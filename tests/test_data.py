@@ -87,10 +87,16 @@ def test_jsonl_errors_name_the_file_line_and_field(tmp_path):
 
 def test_hf_datasets_are_optional(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(ImportError, match=r"data.task 'hf:some/set' needs the datasets package: pip install datasets"):
+    with pytest.raises(DataError, match=r"data.task 'hf:some/set' needs the datasets package \(pip install datasets\)"):
         data.load_hf("some/set", "train", FIELDS["grpo"])
     rows = {"train": [{"question": "q1", "answer": "1"}, {"question": "q2", "answer": "2"}], "test": []}
-    fake = types.SimpleNamespace(load_dataset=lambda name, split: rows[split])
+
+    def load_dataset(name, split):
+        if name == "offline/set":
+            raise ConnectionError("Couldn't reach 'offline/set' on the Hub (LocalEntryNotFoundError)")
+        return rows[split]
+
+    fake = types.SimpleNamespace(load_dataset=load_dataset)
     monkeypatch.setitem(sys.modules, "datasets", fake)
     fields = data.field_map(DataSection(prompt_field="question"))
     expected = [{"prompt": "q1", "answer": "1"}, {"prompt": "q2", "answer": "2"}]
@@ -99,6 +105,18 @@ def test_hf_datasets_are_optional(monkeypatch):
         data.load_hf("some/set", "train", FIELDS["dpo"], fields)
     with pytest.raises(DataError, match=r"some/set \[test\] holds no examples"):
         data.load_hf("some/set", "test", FIELDS["grpo"], fields)
+    with pytest.raises(DataError, match=r"'hf:offline/set' \(split 'train'\) could not be loaded \(ConnectionError: "
+                                        r"Couldn't reach.*pass a local .jsonl file or a dataset in the datasets cache"):
+        data.load_hf("offline/set", "train", FIELDS["grpo"], fields)
+
+
+def test_unreadable_jsonl_files_name_the_file_and_line(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl line 2: not UTF-8 text \(byte 15 of the line\)"):
+        data.load_jsonl(str(tmp_path / "latin1.jsonl"), FIELDS["grpo"])
+    (tmp_path / "folder.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"folder.jsonl' is a folder; set data.task to a .jsonl file in it"):
+        data.load_jsonl(str(tmp_path / "folder.jsonl"), FIELDS["grpo"])
 
 
 def test_arithmetic_task_answers_its_prompts():

@@ -52,7 +52,7 @@ def fix() -> None:
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")
 
-        def anchor(match):
+        def anchor(match, doc=doc):
             target, line, symbol = match.groups()
             path = (doc.parent / target).resolve()
             if line is None or symbol is None or not path.is_file():

@@ -53,9 +53,17 @@ def test_eval_text_report_and_errors(sft_run, capsys, tmp_path):
     out = capsys.readouterr().out
     assert "on 4 held-out arithmetic prompts" in out and "accuracy" in out and "->" in out
     assert eval_cli.main([str(tmp_path / "missing")]) == 2
-    assert "no such folder or file" in capsys.readouterr().err
+    assert "no such local folder or file" in capsys.readouterr().err
     assert eval_cli.main([sft_run.run_dir, "data.eval_size=0"]) == 2
     assert "data.eval_size is 0" in capsys.readouterr().err
+    for argv, message in (
+        (["mesh.data=2"], "mesh data=2 × fsdp=1 × tensor=1 = 2 devices, but 1 are available"),
+        (["--temperature", "1.0", "--n", "0"], "--temperature must be >= 0 and --n >= 1, got 1.0 and 0"),
+        (["--temperature", "-1"], "--temperature must be >= 0 and --n >= 1, got -1.0 and 1"),
+    ):
+        assert eval_cli.main([sft_run.run_dir, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err, err
 
 
 def test_plot_of_several_runs_with_chosen_metrics(sft_run, tmp_path):

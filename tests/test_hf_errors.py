@@ -52,7 +52,7 @@ def test_valid_folder_loads(folder):
 
 def test_missing_folder(tmp_path):
     message = load_error(tmp_path / "nowhere")
-    assert str(tmp_path / "nowhere") in message and "no such folder or file" in message
+    assert str(tmp_path / "nowhere") in message and "no such local folder or file" in message
 
 
 def test_folder_without_config(folder):
@@ -123,8 +123,27 @@ def test_hub_id_offline_says_what_to_pass(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     message = load_error("jaxrl-llm-tests/no-such-model")
-    assert "'jaxrl-llm-tests/no-such-model'" in message
+    assert message.startswith("jaxrl-llm-tests/no-such-model: no such local folder or file; read as a hub id, fetching")
     assert "pass a local HF folder" in message and ".gguf file" in message
+
+
+def test_a_mistyped_local_run_folder_is_named_before_the_hub(tmp_path, monkeypatch):
+    """`eval runs/defualt`: the missing local folder comes first, with the closest sibling; the hub second."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "runs" / "default").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    message = load_error("runs/defualt")
+    assert message.startswith("runs/defualt: no such local folder or file (did you mean 'runs/default'?); read as")
+
+
+def test_non_finite_weights_name_the_tensor(folder):
+    tensors = safetensors.numpy.load_file(str(folder / "model.safetensors"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name][3, :2] = [np.nan, np.inf]
+    safetensors.numpy.save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    message = load_error(folder)
+    assert f"tensor {name!r} holds 2 non-finite values (nan or inf)" in message and "model.safetensors" in message
 
 
 def test_scalar_model_without_head_needs_a_key(folder):

@@ -97,3 +97,23 @@ def test_no_late_imports_of_our_modules_in_the_library():
     late = [f"{module} line {line}: {target}" for module, edges in graph().items() if module not in COMMAND_LINES
             for target, line, nested in edges if nested]
     assert not late, "\n".join(late)
+
+
+def test_public_functions_of_core_and_algorithms_have_type_hints():
+    """Every argument and the return of each public module-level function, and of public methods."""
+    missing = []
+    for path in sorted([*PACKAGE.glob("core/*.py"), *PACKAGE.glob("algorithms/*.py")]):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        defs = [(node, "") for node in tree.body if isinstance(node, ast.FunctionDef)]
+        defs += [(item, f"{node.name}.") for node in tree.body if isinstance(node, ast.ClassDef)
+                 for item in node.body if isinstance(item, ast.FunctionDef)]
+        for function, owner in defs:
+            if function.name.startswith("_"):
+                continue
+            args = [a for a in function.args.posonlyargs + function.args.args + function.args.kwonlyargs
+                    if a.arg not in ("self", "cls")]
+            unhinted = [a.arg for a in args if a.annotation is None]
+            if unhinted or function.returns is None:
+                returns = " and the return" if function.returns is None else ""
+                missing.append(f"{path.relative_to(PACKAGE)}: {owner}{function.name}({', '.join(unhinted)}){returns}")
+    assert not missing, "\n".join(missing)

@@ -1,5 +1,6 @@
-"""The main job learns: a shortened `python train.py` (SFT warm start, then GRPO) raises greedy
-held-out accuracy by a clear margin during its GRPO phase, with a fixed seed."""
+"""The main job learns where a user sees it: `python train.py` (SFT warm start, then GRPO), as it is but
+for the HF export, raises the reward of the answers it samples while training (what the progress bar
+and metrics.jsonl show) and its greedy held-out accuracy, with a fixed seed."""
 
 import json
 import os
@@ -8,18 +9,18 @@ from jaxrl_llm.config import load_config
 from jaxrl_llm.run import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The default preset with a third of its GRPO phase; the warm start and the held-out split are the
-# default's, so `before` is where `python train.py` starts GRPO from.
-SHORT = ["train.total_steps=50", "train.eval_every=50", "train.checkpoint_every=0", "train.export_hf=false"]
 
 
-def test_grpo_phase_of_the_default_raises_accuracy(tmp_path):
-    config = load_config(os.path.join(ROOT, "configs", "default.yaml"), [f"run_dir={tmp_path}", *SHORT])
+def test_the_default_job_raises_sampled_reward_and_greedy_accuracy(tmp_path):
+    overrides = [f"run_dir={tmp_path}", "train.export_hf=false"]
+    config = load_config(os.path.join(ROOT, "configs", "default.yaml"), overrides)
     result = train(config, quiet=True)
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as file:
+        rewards = [json.loads(line)["reward/mean"] for line in file]
+    fifth = len(rewards) // 5
+    first, last = sum(rewards[:fifth]) / fifth, sum(rewards[-fifth:]) / fifth
+    # Measured (seed 0 here; seeds 1 and 2 in the closing note of issue 16): 0.357 -> 0.628 sampled,
+    # 0.609 -> 0.977 greedy.
+    assert last >= first + 0.2, (first, last)
     before, after = result.metrics["before/eval/accuracy"], result.metrics["eval/accuracy"]
-    # Measured at this point of the default run: +0.105 (seed 0, used here); seeds 1, 2: +0.04, +0.004
-    # from warm starts already at 0.945 and 0.918.
-    assert after >= before + 0.08, (before, after)
-    assert result.metrics["eval/reward"] > result.metrics["before/eval/reward"] + 0.08
-    with open(os.path.join(tmp_path, "summary.json")) as file:
-        assert json.load(file)["eval/accuracy"] == after
+    assert after >= before + 0.2, (before, after)

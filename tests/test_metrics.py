@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxrl_llm import metrics
-from jaxrl_llm.errors import DataError
+from jaxrl_llm.errors import ConfigError, DataError
 
 
 def test_jsonl_rows_and_plot(tmp_path):
@@ -40,7 +40,7 @@ def test_missing_run_dir_is_a_clear_error(tmp_path):
 def test_tensorboard_when_enabled(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "tensorboardX", None)
-        with pytest.raises(ImportError, match="train.tensorboard=true needs tensorboardX: pip install tensorboardX"):
+        with pytest.raises(ConfigError, match="train.tensorboard=true needs tensorboardX: pip install tensorboardX"):
             metrics.MetricsWriter(str(tmp_path / "without"), tensorboard=True)
     pytest.importorskip("tensorboardX")
     writer = metrics.MetricsWriter(str(tmp_path / "run"), tensorboard=True)
@@ -50,3 +50,29 @@ def test_tensorboard_when_enabled(tmp_path, monkeypatch):
     assert len(events) == 1 and events[0].startswith("events.out.tfevents")
     content = (tmp_path / "run" / "tensorboard" / events[0]).read_bytes()
     assert b"reward/mean" in content and b"loss" in content
+
+
+def test_a_resumed_writer_keeps_the_earlier_rows_on_disk_at_once(tmp_path):
+    """A resumed run killed before its first new step used to lose the rows it rewrote (they sat in a
+    buffer); the kept rows are on disk as soon as the writer exists, and a torn last line is dropped."""
+    writer = metrics.MetricsWriter(str(tmp_path))
+    for step in range(5):
+        writer.write(step, {"loss": float(step)})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as file:
+        file.write('{"step": 5, "lo')  # a crash mid-line
+    resumed = metrics.MetricsWriter(str(tmp_path), start_step=3)  # the checkpoint holds steps 0-2
+    assert [row["step"] for row in metrics.read_metrics(str(tmp_path))] == [0, 1, 2]  # before any write or close
+    resumed.write(3, {"loss": 3.5})
+    assert [row["loss"] for row in metrics.read_metrics(str(tmp_path))] == [0.0, 1.0, 2.0, 3.5]
+    resumed.close()
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_torn_file_is_named(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, "lo\n{"step": 2}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl line 2 is not a JSON object; fix or delete that line"):
+        metrics.read_metrics(str(tmp_path))
+    (tmp_path / "summary.json").write_text('{"loss": 0.')
+    with pytest.raises(DataError, match=r"summary.json is not valid JSON; delete it"):
+        metrics.read_summary(str(tmp_path))

@@ -1,5 +1,6 @@
 """`import jaxrl_llm`, loading a model and a GGUF tokenizer never import torch."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -43,3 +44,25 @@ def test_loading_folder_and_gguf_tokenizer_does_not_import_torch(smollm2, smollm
         model.logits(model.params, tokens, mask).block_until_ready()
         assert "torch" not in sys.modules, "torch was imported"
     """))
+
+
+def test_the_command_lines_do_not_say_pytorch_is_missing(tmp_path):
+    """Where torch is not installed transformers warns on import; jaxrl_llm needs no torch, so its
+    command lines keep that line off the console."""
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
+        import importlib.util
+        _find_spec = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, package=None: (
+            None if name.split(".")[0] == "torch" else _find_spec(name, package))
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    env.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
+    shown = subprocess.run(
+        [sys.executable, "-c", "import transformers"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert "PyTorch was not found" in shown.stderr  # the probe hides torch from transformers
+    quiet = subprocess.run(  # a typo: the run layer (and transformers) load, then one error line
+        [sys.executable, "train.py", "grpo.eps_hihg=0.3"], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert quiet.returncode == 2 and "error: unknown key 'grpo.eps_hihg'" in quiet.stderr, quiet.stderr
+    assert "PyTorch was not found" not in quiet.stderr, quiet.stderr

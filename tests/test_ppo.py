@@ -115,3 +115,14 @@ def test_ppo_learns_from_host_rewards(models):
     scores, value_losses = zip(*history)
     assert scores[0] < 0.2 and np.mean(scores[-3:]) > 0.5, scores
     assert np.mean(value_losses[-3:]) < 0.5 * np.mean(value_losses[:3]), value_losses
+
+
+def test_a_fixed_beta_is_the_configs_and_an_adaptive_one_the_states(models):
+    """A resumed PPO run takes a changed ppo.kl_coef when β is fixed; the adaptive controller's β
+    continues from the state (where a resume restores it)."""
+    state = make_state(*models, kl_coef=0.05)
+    for adaptive, want in ((False, 0.2), (True, 0.05)):
+        cfg = PPOSection(kl_coef=0.2, adaptive_kl=adaptive, kl_estimator="k1", epochs=1)
+        step = jax.jit(make_ppo_step(CONFIG, cfg))
+        _, metrics = step(state, rollout(0), jax.random.key(0))
+        assert float(metrics["kl_coef"]) == pytest.approx(want), adaptive

@@ -18,7 +18,8 @@ from jaxrl_llm.config import load_config
 from jaxrl_llm.errors import TrainingError
 from jaxrl_llm.metrics import MetricsWriter
 from jaxrl_llm.run.examples import prepare_examples
-from jaxrl_llm.run.loop import finish, run_phase, train
+from jaxrl_llm.run.loop import run_phase, train
+from jaxrl_llm.run.outputs import finish
 from jaxrl_llm.run.phases import sft_phase
 from jaxrl_llm.run.policy import load_policy
 from jaxrl_llm.run.registry import ALGORITHMS
@@ -100,10 +101,16 @@ def test_sft_run_leaves_its_files_and_resumes_exactly(tmp_path):
     # Resuming a finished run (as an RL run does with its warm start) keeps its summary.
     summary = json.loads(open(os.path.join(resumed.run_dir, "summary.json")).read())
     assert "eval/loss" in summary and "loss" in summary
-    with pytest.warns(UserWarning, match=r"differs from its saved config.yaml in optim.lr: 0.001 -> 0.0005"):
+    saved = open(os.path.join(resumed.run_dir, "config.yaml")).read()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing runs, so a changed lr changes nothing and is not written down
         again = train(config("sft", tmp_path / "split", "train.total_steps=6", "train.resume=true", "optim.lr=5e-4",
                              *common), quiet=True)
     assert json.loads(open(os.path.join(again.run_dir, "summary.json")).read()) == summary == again.metrics
+    assert open(os.path.join(resumed.run_dir, "config.yaml")).read() == saved
+    with pytest.warns(UserWarning, match=r"differs from its saved config.yaml in optim.lr: 0.001 -> 0.0005"):
+        train(config("sft", tmp_path / "split", "train.total_steps=7", "train.resume=true", "optim.lr=5e-4",
+                     *common), quiet=True)
 
 
 @pytest.mark.parametrize("preset", ["sft", "grpo"])

@@ -60,7 +60,7 @@ class RolloutBatch:
     temperature: float = struct.field(pytree_node=False, default=1.0)
 
     @classmethod
-    def from_completions(cls, completions: Completions, rewards_R=None) -> "RolloutBatch":
+    def from_completions(cls, completions: Completions, rewards_R: jax.Array | None = None) -> "RolloutBatch":
         """The batch of a sampler output; `rewards_R` None (zeros) when the step scores the answers
         itself, as PPO's reward model does."""
         c = completions

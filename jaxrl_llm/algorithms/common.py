@@ -26,8 +26,10 @@ from jaxrl_llm.models.transformer import (
     positions_from_mask,
 )
 
+Params = Any  # a model's param pytree
 
-def final_hidden(params, model_config: ModelConfig, tokens_BxT, mask_BxT) -> jax.Array:
+
+def final_hidden(params: Params, model_config: ModelConfig, tokens_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
     """Final-normed hidden states [B,T,D] of the decoder."""
     hidden_BxTxD, _ = Transformer(model_config).apply(
         {"params": params}, tokens_BxT, positions_from_mask(mask_BxT), mask_BxT, return_hidden=True
@@ -36,9 +38,9 @@ def final_hidden(params, model_config: ModelConfig, tokens_BxT, mask_BxT) -> jax
 
 
 def hidden_logprobs(
-    params, model_config: ModelConfig, hidden_BxTxD, tokens_BxT, temperature: float = 1.0,
-    with_entropy: bool = False, chunk_size: int | None = None, first: int = 1,
-):
+    params: Params, model_config: ModelConfig, hidden_BxTxD: jax.Array, tokens_BxT: jax.Array,
+    temperature: float = 1.0, with_entropy: bool = False, chunk_size: int | None = None, first: int = 1,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """log π(token_t | tokens_<t) [B,T] (and that distribution's entropy) from final hidden
     states, never materialising [B,T,V] logits; positions before `first` (≥ 1) hold 0."""
     lm_head_DxV = lm_head_weight(params, model_config).astype(hidden_BxTxD.dtype)
@@ -50,9 +52,9 @@ def hidden_logprobs(
 
 
 def score_tokens(
-    params, model_config: ModelConfig, tokens_BxT, mask_BxT, temperature: float = 1.0,
-    with_entropy: bool = False, chunk_size: int | None = None,
-):
+    params: Params, model_config: ModelConfig, tokens_BxT: jax.Array, mask_BxT: jax.Array,
+    temperature: float = 1.0, with_entropy: bool = False, chunk_size: int | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """`hidden_logprobs` of a forward pass over the tokens."""
     hidden_BxTxD = final_hidden(params, model_config, tokens_BxT, mask_BxT)
     return hidden_logprobs(
@@ -61,9 +63,9 @@ def score_tokens(
 
 
 def hidden_full_kl(
-    params, hidden_BxTxD, ref_params, ref_hidden_BxTxD, model_config: ModelConfig,
-    temperature: float = 1.0, chunk_size: int | None = None, first: int = 1,
-):
+    params: Params, hidden_BxTxD: jax.Array, ref_params: Params, ref_hidden_BxTxD: jax.Array,
+    model_config: ModelConfig, temperature: float = 1.0, chunk_size: int | None = None, first: int = 1,
+) -> jax.Array:
     """Exact KL(π_θ(·|s_t) ‖ π_ref(·|s_t)) [B,T] over the vocabulary at the state that emits token t
     (0 before `first`)."""
     kl_BxN = chunked_full_kl(
@@ -75,15 +77,15 @@ def hidden_full_kl(
     return shift_right(kl_BxN, first)
 
 
-def shift_right(x_BxN, by: int = 1):
+def shift_right(x_BxN: jax.Array, by: int = 1) -> jax.Array:
     """Prepend `by` zero columns: [B,T-by] scores of tokens by..T-1 become [B,T] aligned with the tokens."""
     return jnp.pad(x_BxN, ((0, 0), (by, 0)))
 
 
 def rollout_scores(
-    params, model_config: ModelConfig, batch: RolloutBatch, with_entropy: bool = False,
+    params: Params, model_config: ModelConfig, batch: RolloutBatch, with_entropy: bool = False,
     chunk_size: int | None = None,
-):
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """(final hidden [R,T,D], log-probs [R,T], entropy [R,T] or None) of a rollout's answers, at the
     temperature they were sampled at."""
     hidden_RxTxD = final_hidden(params, model_config, batch.tokens_RxT, batch.mask_RxT)
@@ -95,7 +97,7 @@ def rollout_scores(
     return hidden_RxTxD, logp_RxT, entropy_RxT
 
 
-def update_rows(key: jax.Array, num_rows: int, num_minibatches: int, passes: int):
+def update_rows(key: jax.Array, num_rows: int, num_minibatches: int, passes: int) -> jax.Array:
     """Row indices [passes·M, B/M] of each update: every pass is a fresh shuffle split in M minibatches."""
     if num_minibatches == 1:
         return jnp.tile(jnp.arange(num_rows)[None], (passes, 1))
@@ -103,13 +105,15 @@ def update_rows(key: jax.Array, num_rows: int, num_minibatches: int, passes: int
     return jnp.concatenate(perms).reshape(passes * num_minibatches, num_rows // num_minibatches)
 
 
-def last_token_index(mask_BxT):
+def last_token_index(mask_BxT: jax.Array) -> jax.Array:
     """Index of each row's last real token (rows are right-padded after the completion)."""
     T = mask_BxT.shape[1]
     return T - 1 - jnp.argmax(mask_BxT[:, ::-1].astype(jnp.int32), axis=1)
 
 
-def scalar_scores(params, model_config: ModelConfig, tokens_BxT, mask_BxT):
+def scalar_scores(
+    params: Params, model_config: ModelConfig, tokens_BxT: jax.Array, mask_BxT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """A value/reward model's per-position scalars [B,T] and the score at the last real token [B]."""
     values_BxT = ScalarModel(model_config).apply(
         {"params": params}, tokens_BxT, positions_from_mask(mask_BxT), mask_BxT
@@ -118,7 +122,7 @@ def scalar_scores(params, model_config: ModelConfig, tokens_BxT, mask_BxT):
     return values_BxT, jnp.take_along_axis(values_BxT, last_B[:, None], axis=1)[:, 0]
 
 
-def split_microbatches(batch: dict, num_microbatches: int) -> dict:
+def split_microbatches(batch: Any, num_microbatches: int) -> Any:
     """Every [B, ...] leaf as [M, B/M, ...], microbatch m holding rows m, m+M, m+2M, ..."""
     # Strided rows: when the rows are split over devices, every device keeps its own rows in each
     # microbatch, so splitting needs no communication.
@@ -151,8 +155,8 @@ def reduce_metrics(metrics_N: dict, summed_losses: bool = False) -> dict:
 
 
 def accumulate_gradients(
-    loss_fn: Callable[[Any, dict], tuple[jax.Array, dict]], params, batch: dict, num_microbatches: int = 1
-):
+    loss_fn: Callable[[Params, Any], tuple[jax.Array, dict]], params: Params, batch: Any, num_microbatches: int = 1
+) -> tuple[jax.Array, Params, dict]:
     """(loss, grads, metrics) summed over M microbatches with `lax.scan`; metrics combined by
     `reduce_metrics`.
 

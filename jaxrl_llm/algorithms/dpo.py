@@ -14,7 +14,7 @@ import optax
 from flax import struct
 
 from jaxrl_llm.algorithms.batches import PairBatch
-from jaxrl_llm.algorithms.common import accumulate_gradients, score_tokens
+from jaxrl_llm.algorithms.common import Params, accumulate_gradients, score_tokens
 from jaxrl_llm.config import DPOSection
 from jaxrl_llm.core import dpo_loss
 from jaxrl_llm.models.transformer import ModelConfig
@@ -29,7 +29,7 @@ class DPOState(struct.PyTreeNode):
 
 
 def completion_logps(
-    params, model_config: ModelConfig, batch: PairBatch, chunk_size: int | None = None
+    params: Params, model_config: ModelConfig, batch: PairBatch, chunk_size: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """Summed completion log-probs (chosen_B, rejected_B) from one forward over both answers."""
     both = batch.stacked()
@@ -38,7 +38,8 @@ def completion_logps(
 
 
 def pair_loss(
-    params, ref_params, model_config: ModelConfig, batch: PairBatch, cfg: DPOSection, chunk_size: int | None = None
+    params: Params, ref_params: Params, model_config: ModelConfig, batch: PairBatch, cfg: DPOSection,
+    chunk_size: int | None = None,
 ) -> tuple[jax.Array, dict]:
     """Per-pair DPO loss [B] and metrics; `ipo` averages log-probs per token (as TRL)."""
     ref_chosen_B, ref_rejected_B = jax.lax.stop_gradient(

@@ -61,7 +61,9 @@ class PPOState(struct.PyTreeNode):
     kl_coef: jax.Array
 
     @classmethod
-    def create(cls, actor: TrainState, critic: TrainState, ref_params, reward_params, kl_coef: float) -> "PPOState":
+    def create(
+        cls, actor: TrainState, critic: TrainState, ref_params: Any, reward_params: Any, kl_coef: float
+    ) -> "PPOState":
         return cls(actor, critic, ref_params, reward_params, jnp.asarray(kl_coef, jnp.float32))
 
 
@@ -93,6 +95,9 @@ def make_ppo_step(
     def step(state: PPOState, batch: RolloutBatch, key: jax.Array):
         R = batch.tokens_RxT.shape[0]
         mask_RxT = batch.completion_mask_RxT
+        # A fixed β is the config's (so a resumed run takes a changed ppo.kl_coef); the adaptive
+        # controller's β lives in the state, starting from ppo.kl_coef.
+        beta = state.kl_coef if cfg.adaptive_kl else jnp.asarray(cfg.kl_coef, jnp.float32)
 
         hidden_RxTxD, old_logp_RxT, _ = jax.lax.stop_gradient(scored(state.actor.params, batch))
         ref_hidden_RxTxD, ref_logp_RxT, _ = scored(state.ref_params, batch)
@@ -110,7 +115,7 @@ def make_ppo_step(
         if cfg.reward_clip is not None:
             score_R = jnp.clip(score_R, -cfg.reward_clip, cfg.reward_clip)
         rewards_RxT = ppo_token_rewards(
-            score_R, kl_RxT, mask_RxT, state.kl_coef, batch.truncated_R, cfg.missing_stop_penalty or 0.0
+            score_R, kl_RxT, mask_RxT, beta, batch.truncated_R, cfg.missing_stop_penalty or 0.0
         )
         old_values_RxT = values_of(state.critic.params, batch)
         adv_RxT, returns_RxT = gae(rewards_RxT, old_values_RxT, mask_RxT, cfg.gamma, cfg.lam)
@@ -164,9 +169,9 @@ def make_ppo_step(
         (actor, critic), update_metrics = jax.lax.scan(one_update, (state.actor, state.critic), rows_UxS)
 
         seq_kl_R = jnp.sum(kl_RxT * mask_RxT, axis=1)
-        kl_coef = state.kl_coef
+        kl_coef = beta
         if cfg.adaptive_kl:
-            kl_coef = adaptive_kl_update(kl_coef, jnp.mean(seq_kl_R), cfg.kl_target, cfg.kl_horizon, R)
+            kl_coef = adaptive_kl_update(beta, jnp.mean(seq_kl_R), cfg.kl_target, cfg.kl_horizon, R)
         lengths_R = mask_RxT.sum(axis=1).astype(jnp.float32)
         metrics = {
             **reduce_metrics(update_metrics),
@@ -175,7 +180,7 @@ def make_ppo_step(
             "reward/mean": jnp.mean(jnp.sum(rewards_RxT, axis=1)),
             "reward/non_score": jnp.mean(jnp.sum(rewards_RxT, axis=1) - score_R),
             "kl": jnp.mean(seq_kl_R),
-            "kl_coef": state.kl_coef,
+            "kl_coef": beta,
             "values/mean": aggregate(old_values_RxT, mask_RxT),
             "returns/mean": aggregate(returns_RxT, mask_RxT),
             "explained_variance": explained_variance(old_values_RxT, returns_RxT, mask_RxT),

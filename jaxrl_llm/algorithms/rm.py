@@ -12,14 +12,14 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_llm.algorithms.batches import PairBatch
-from jaxrl_llm.algorithms.common import accumulate_gradients, scalar_scores
+from jaxrl_llm.algorithms.common import Params, accumulate_gradients, scalar_scores
 from jaxrl_llm.config import RMSection
 from jaxrl_llm.core import reward_model_loss
 from jaxrl_llm.models.transformer import ModelConfig
 from jaxrl_llm.state import TrainState
 
 
-def pair_rewards(params, model_config: ModelConfig, batch: PairBatch) -> tuple[jax.Array, jax.Array]:
+def pair_rewards(params: Params, model_config: ModelConfig, batch: PairBatch) -> tuple[jax.Array, jax.Array]:
     """(r_chosen_B, r_rejected_B): one forward over chosen and rejected stacked."""
     both = batch.stacked()
     _, rewards_2B = scalar_scores(params, model_config, both.tokens_BxT, both.mask_BxT)

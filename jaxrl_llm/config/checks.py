@@ -30,7 +30,7 @@ _POSITIVE = (
     "grpo.cispo_eps_max", "grpo.num_iterations", "grpo.num_minibatches", "grpo.dynamic_sampling_max_tries",
     "grpo.overlong_buffer", "ppo.epochs", "ppo.num_minibatches", "ppo.value_clip", "ppo.kl_target",
     "ppo.kl_horizon", "ppo.reward_clip", "dpo.beta", "train.total_steps", "train.grad_accum", "train.log_every",
-    "train.keep_checkpoints", "train.sft_warmup_lr",
+    "train.keep_checkpoints", "train.sft_warmup_lr", "train.sft_warmup_batch_size", "optim.decay_steps",
 )
 _NON_NEGATIVE = (
     "seed", "data.eval_size", "optim.warmup_steps", "optim.weight_decay", "sampling.top_k", "grpo.eps_high",

@@ -98,8 +98,9 @@ class OptimSection:
     optimizer: Literal["adamw"] = "adamw"
     lr: float = 1e-6  # DeepSeekMath GRPO, DAPO, TRL GRPO
     critic_lr: float = 1e-5  # PPO's separate critic optimizer (verl, OpenRLHF)
-    schedule: Literal[SCHEDULES] = "constant"  # decays reach 0 at train.total_steps
+    schedule: Literal[SCHEDULES] = "constant"
     warmup_steps: int = 0
+    decay_steps: int | None = None  # where linear / cosine decay reaches 0; None: train.total_steps
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
@@ -209,9 +210,10 @@ class TrainSection:
     export_hf: bool = False  # write the final policy to RUN_DIR/hf
     tensorboard: bool = False
     # SFT steps on the task's reference completions before an RL algorithm starts, so a random
-    # tiny model can earn reward (default.yaml).
+    # tiny model can earn reward (default.yaml); at a constant learning rate after optim.warmup_steps.
     sft_warmup_steps: int = 0
     sft_warmup_lr: float | None = None  # None: optim.lr
+    sft_warmup_batch_size: int | None = None  # None: data.batch_size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Any
 
 from jaxrl_llm import tokenizer as tokenizer_lib
 from jaxrl_llm.errors import ModelLoadError
-from jaxrl_llm.models.transformer import SUPPORTED_MODEL_TYPES, ModelConfig
+from jaxrl_llm.models.transformer import ROPE_TYPES, SUPPORTED_MODEL_TYPES, ModelConfig
 
 FAMILY_CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 REQUIRED_HF_KEYS = (
@@ -71,9 +71,9 @@ def _rope_from_hf(hf: dict) -> dict:
     """RoPE fields from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4)."""
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
+    if rope_type not in ROPE_TYPES:
         raise ModelLoadError(
-            f"rope_type {rope_type!r} is not supported; use default, linear or llama3."
+            f"rope_type {rope_type!r} is not supported; use {', '.join(ROPE_TYPES)}."
         )
     return dict(
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),

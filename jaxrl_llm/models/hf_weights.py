@@ -145,7 +145,7 @@ def params_from_checkpoint(
 
 
 def _read_tensor(ckpt: Checkpoint, spec: TensorSpec, name: str) -> np.ndarray:
-    """One HF tensor in our layout, shape-checked against the config."""
+    """One HF tensor in our layout, checked for its shape and for non-finite values."""
     found = ckpt.find(name)
     if found is None:
         if spec.optional:
@@ -160,6 +160,12 @@ def _read_tensor(ckpt: Checkpoint, spec: TensorSpec, name: str) -> np.ndarray:
         raise ModelLoadError(
             f"{file}: tensor {name!r} has shape {tuple(hf_array.shape)}, but "
             f"{ckpt.config_file.name} implies {spec.hf_shape}."
+        )
+    bad = np.size(hf_array) - np.count_nonzero(np.isfinite(hf_array))
+    if bad:
+        raise ModelLoadError(
+            f"{file}: tensor {name!r} holds {bad} non-finite values (nan or inf) of {np.size(hf_array)}; the "
+            "checkpoint is damaged or was saved from a diverged run. Load an earlier one."
         )
     return spec.to_ours(hf_array)
 

@@ -9,6 +9,7 @@ tensor straight from the file into its sharded layout, so no device ever holds t
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import json
 import os
@@ -85,15 +86,24 @@ def read_checkpoint(source: str | Path) -> Checkpoint:
         raise ModelLoadError(f"{path}: not a .gguf file; pass an HF folder or a .gguf file.")
     if source in PACKAGED_MODELS:
         return read_gguf(packaged_model(source))
+    missing = f"{path}: no such local folder or file{_close_sibling(path)}"
     if isinstance(source, str) and _HUB_ID.match(source) and not source.endswith(".gguf"):
-        return _read_folder(_download(source))
+        return _read_folder(_download(source, missing))
     raise ModelLoadError(
-        f"{path}: no such folder or file. Pass an HF folder (config.json + model.safetensors), "
-        "a .gguf file, or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'."
+        f"{missing}. Pass a run folder, an HF folder (config.json + model.safetensors), a .gguf file, "
+        "or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'."
     )
 
 
-def _download(repo_id: str) -> Path:
+def _close_sibling(path: Path) -> str:
+    """' (did you mean X?)' for the closest name beside a missing path, or ''."""
+    if not path.parent.is_dir():
+        return ""
+    close = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=1)
+    return f" (did you mean {str(path.parent / close[0])!r}?)" if close else ""
+
+
+def _download(repo_id: str, missing: str) -> Path:
     """Fetch config, safetensors and tokenizer files of a hub repo (or find them in the cache)."""
     try:
         return Path(huggingface_hub.snapshot_download(
@@ -101,9 +111,9 @@ def _download(repo_id: str) -> Path:
         ))
     except (OSError, ValueError) as err:
         raise ModelLoadError(
-            f"{repo_id!r} is not a local folder or .gguf file, and fetching it from the hub "
-            f"failed ({type(err).__name__}: {err}). Without hub access, pass a local HF folder "
-            "(config.json + model.safetensors) or a .gguf file instead."
+            f"{missing}; read as a hub id, fetching it failed ({type(err).__name__}: {str(err)[:200]}). "
+            "Check the path, or without hub access pass a local HF folder (config.json + model.safetensors) "
+            "or a .gguf file."
         ) from None
 
 

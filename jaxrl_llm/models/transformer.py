@@ -29,6 +29,7 @@ import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ATTENTION_KINDS = ("xla", "cudnn")
 
@@ -89,9 +90,9 @@ class ModelConfig:
                 "attention 'cudnn' needs bfloat16 or float16 compute; set dtype (model.dtype) to "
                 "bfloat16, or use attention 'xla' for float32."
             )
-        if self.rope_type not in ("default", "linear", "llama3"):
+        if self.rope_type not in ROPE_TYPES:
             raise ValueError(
-                f"rope_type {self.rope_type!r} is not supported; use default, linear or llama3."
+                f"rope_type {self.rope_type!r} is not supported; use {', '.join(ROPE_TYPES)}."
             )
         for field in ("dtype", "param_dtype"):
             if getattr(self, field) not in DTYPES:

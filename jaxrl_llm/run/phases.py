@@ -41,11 +41,16 @@ class Phase:
     model_configs: tuple = ()  # every architecture in the state (PPO: critic, reward model), for placement
 
 
+def decay_steps(config: Config) -> int:
+    """Where the run's linear or cosine decay reaches 0: optim.decay_steps, else train.total_steps."""
+    return config.optim.decay_steps or config.train.total_steps
+
+
 def optimizer(config: Config, lr: float | None = None):
-    """AdamW with the run's schedule over train.total_steps (`lr`: another peak, as PPO's critic's)."""
+    """AdamW with the run's schedule (`lr`: another peak, as PPO's critic's)."""
     o = config.optim
     return make_optimizer(
-        o.lr if lr is None else lr, config.train.total_steps, o.schedule, o.warmup_steps, o.weight_decay,
+        o.lr if lr is None else lr, decay_steps(config), o.schedule, o.warmup_steps, o.weight_decay,
         o.b1, o.b2, o.eps, o.grad_clip,
     )
 
