@@ -7,6 +7,15 @@ working.
 """
 
 
+import difflib
+
+
+def did_you_mean(word: str, candidates) -> str:
+    """'; did you mean X?' for the candidate closest to `word`, or '.' when none is close."""
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f"; did you mean {close[0]!r}?" if close else "."
+
+
 class JaxrlError(Exception):
     """A problem with the user's input or environment; the message names it and the fix."""
 

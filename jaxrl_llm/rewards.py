@@ -23,6 +23,7 @@ import numpy as np
 from jaxrl_llm.errors import RewardError
 
 RewardFn = Callable[..., Sequence[float] | np.ndarray]
+REWARD_MODEL = "reward_model"  # scores with model.reward_model_path; the run layer builds it
 
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
 

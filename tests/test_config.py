@@ -118,7 +118,7 @@ def test_bucketing_reaches_the_sampler():
     assert sampling_config(config, tokenizer, n=4).bucketing == Bucketing("multiple", 8)
     assert sampling_config(load_config(None, []), tokenizer, 4).bucketing == Bucketing("pow2", 16)
     assert sampling_config(load_config(None, ["sampling.ignore_eos=true"]), tokenizer, 4).stop_token_ids == ()
-    with pytest.warns(UserWarning, match="sampling.prompt_bucket is now data.bucket"):  # an older run's config.yaml
+    with pytest.warns(UserWarning, match=r"sampling.prompt_bucket(_size)? is now data.bucket"):  # an old config.yaml
         old = load_config(None, ["sampling.prompt_bucket=multiple", "sampling.prompt_bucket_size=8"])
     assert (old.data.bucket, old.data.bucket_size) == ("multiple", 8)
 

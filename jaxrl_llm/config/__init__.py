@@ -1,7 +1,6 @@
 """Run configuration: typed frozen sections (`schema`), YAML presets with dotted overrides (`loading`),
 and every rule a config must satisfy (`checks`)."""
 
-from jaxrl_llm.config.checks import REWARD_MODEL
 from jaxrl_llm.config.loading import (
     changed_fields,
     config_from_dict,
@@ -28,7 +27,7 @@ from jaxrl_llm.config.schema import (
 from jaxrl_llm.errors import ConfigError
 
 __all__ = [
-    "REWARD_MODEL", "Config", "ConfigError", "DPOSection", "DataSection", "GRPOSection", "MeshSection",
+    "Config", "ConfigError", "DPOSection", "DataSection", "GRPOSection", "MeshSection",
     "ModelSection", "OptimSection", "PPOSection", "RMSection", "SamplingSection", "SyntheticSection",
     "TinyModel", "TrainSection", "changed_fields", "config_from_dict", "config_to_dict", "load_config",
     "save_config", "validate",

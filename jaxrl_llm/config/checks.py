@@ -9,7 +9,6 @@ belong to the chosen algorithm (`check_batch`, `check_task_fields`, `check_rewar
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 
 import jax
@@ -17,9 +16,8 @@ import jax
 from jaxrl_llm import rewards
 from jaxrl_llm.config.schema import Config
 from jaxrl_llm.data import TASK_FIELDS
-from jaxrl_llm.errors import ConfigError, RewardError
-
-REWARD_MODEL = "reward_model"  # the reward function that scores with model.reward_model_path
+from jaxrl_llm.errors import ConfigError, RewardError, did_you_mean
+from jaxrl_llm.rewards import REWARD_MODEL
 
 _POSITIVE = (
     "model.tiny.vocab_size", "model.tiny.hidden_size", "model.tiny.intermediate_size", "model.tiny.num_layers",
@@ -67,12 +65,6 @@ def _leaves(section, prefix: str = ""):
             yield from _leaves(value, f"{prefix}{field.name}.")
         else:
             yield f"{prefix}{field.name}", value
-
-
-def _suggest(word: str, candidates) -> str:
-    """'; did you mean X?' for the closest candidate, or '.'."""
-    close = difflib.get_close_matches(word, list(candidates), n=1)
-    return f"; did you mean {close[0]!r}?" if close else "."
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -163,7 +155,7 @@ def _check_data_source(config: Config) -> None:
     elif not (data.task.startswith("hf:") or data.task.endswith(".jsonl")):
         raise ConfigError(
             f"data.task {data.task!r} is not a built-in task ({', '.join(TASK_FIELDS)}), a .jsonl path or "
-            f"hf:<dataset>{_suggest(data.task, TASK_FIELDS)}"
+            f"hf:<dataset>{did_you_mean(data.task, TASK_FIELDS)}"
         )
 
 

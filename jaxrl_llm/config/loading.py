@@ -20,7 +20,7 @@ import yaml
 
 from jaxrl_llm.config.checks import check_common
 from jaxrl_llm.config.schema import Config
-from jaxrl_llm.errors import ConfigError
+from jaxrl_llm.errors import ConfigError, did_you_mean
 
 # Keys that moved, and where to: an old preset or run folder still loads, with a warning.
 MOVED = {"sampling.prompt_bucket": "data.bucket", "sampling.prompt_bucket_size": "data.bucket_size"}
@@ -57,12 +57,6 @@ def _describe(tp, plural=False) -> str:
     if dataclasses.is_dataclass(tp):
         return "a mapping of its fields"
     return _SCALAR_NAMES[tp][plural]
-
-
-def _suggest(word: str, candidates) -> str:
-    """'; did you mean X?' for the closest candidate, or '.'."""
-    close = difflib.get_close_matches(word, list(candidates), n=1)
-    return f"; did you mean {close[0]!r}?" if close else "."
 
 
 def _all_paths(cls, prefix="") -> list[str]:
@@ -103,7 +97,7 @@ def _coerce(tp, value, path: str, expected=None):
     if origin is Literal:
         if isinstance(value, str) and value in args:
             return value
-        raise ConfigError(f"{path} must be {_describe(tp)}, got {value!r}{_suggest(str(value), args)}")
+        raise ConfigError(f"{path} must be {_describe(tp)}, got {value!r}{did_you_mean(str(value), args)}")
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(_coerce(args[0], item, f"{path}[{i}]") for i, item in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):

@@ -11,12 +11,11 @@ builder in `run.phases`, a section in `config.schema` when it has switches, and 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Callable
 
 from jaxrl_llm.config import Config, validate
 from jaxrl_llm.config.checks import check_batch, check_reward_model, check_rewards, check_task_fields
-from jaxrl_llm.errors import ConfigError
+from jaxrl_llm.errors import ConfigError, did_you_mean
 from jaxrl_llm.run import phases
 
 PROMPT, PAIR = ("prompt",), ("prompt", "chosen", "rejected")
@@ -48,10 +47,9 @@ def algorithm(config: Config) -> Algorithm:
     """The registry entry of `config.algorithm`."""
     entry = ALGORITHMS.get(config.algorithm)
     if entry is None:
-        close = difflib.get_close_matches(config.algorithm, list(ALGORITHMS), n=1)
         raise ConfigError(
             f"algorithm must be one of {', '.join(ALGORITHMS)}, got {config.algorithm!r}"
-            + (f"; did you mean {close[0]!r}?" if close else ".")
+            + did_you_mean(config.algorithm, ALGORITHMS)
         )
     return entry
 

@@ -19,22 +19,23 @@ from jaxrl_llm import sharding
 from jaxrl_llm import tokenizer as tok
 from jaxrl_llm.algorithms.batches import RolloutBatch
 from jaxrl_llm.algorithms.common import scalar_scores
-from jaxrl_llm.config import REWARD_MODEL, Config
+from jaxrl_llm.config import Config
 from jaxrl_llm.errors import ConfigError
 from jaxrl_llm.padding import pad_bucketed, widen
+from jaxrl_llm.rewards import REWARD_MODEL
 from jaxrl_llm.run.examples import bucketing, completion_ids, step_rows
 from jaxrl_llm.run.keys import RESAMPLE, ROLLOUT, stream_key
 from jaxrl_llm.run.policy import Policy, load_scalar, run_mesh
 from jaxrl_llm.sampling import Completions, SamplingConfig, generate
 
 
-def sampling_config(config: Config, tokenizer, n: int, greedy: bool = False) -> SamplingConfig:
+def sampling_config(config: Config, tokenizer, n: int) -> SamplingConfig:
     """Sampler settings of a run: EOS and the configured extra stop ids end an answer (unless
     `sampling.ignore_eos`), prompts padded by the run's bucketing."""
     s = config.sampling
     stops = () if s.ignore_eos else tuple(dict.fromkeys((tokenizer.eos_token_id, *s.stop_token_ids)))
     return SamplingConfig(
-        max_new_tokens=config.data.max_completion_len, temperature=0.0 if greedy else s.temperature,
+        max_new_tokens=config.data.max_completion_len, temperature=s.temperature,
         top_k=s.top_k, top_p=s.top_p, n=n, pad_token_id=tokenizer.pad_token_id, stop_token_ids=stops,
         bucketing=bucketing(config),
     )
