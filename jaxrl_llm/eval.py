@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=3, help="sample answers to show (default 3)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (default 0: greedy)")
     parser.add_argument("--n", type=int, default=1, help="answers sampled per prompt when --temperature > 0")
+    parser.add_argument("--adapter", help="a PEFT LoRA adapter folder to put on the model first")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="dotted config overrides")
     args = parser.parse_intermixed_args(argv)
@@ -39,7 +40,8 @@ def report(args: argparse.Namespace) -> int:
     from jaxrl_llm.run.evaluate import evaluate, is_run_dir
 
     preset = args.config or (os.path.join(args.source, "config.yaml") if is_run_dir(args.source) else DEFAULT_CONFIG)
-    result = evaluate(load_config(preset, args.overrides), args.source, args.samples, args.temperature, args.n)
+    result = evaluate(load_config(preset, args.overrides), args.source, args.samples, args.temperature, args.n,
+                      args.adapter)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -35,7 +35,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxrl_llm.errors import ShardingError
-from jaxrl_llm.models.transformer import ModelConfig, init_params, param_logical_axes
+from jaxrl_llm.models.transformer import QUANTIZED_NAMES, ModelConfig, init_params, param_logical_axes
+from jaxrl_llm.state import frozen_parts, with_frozen, without_frozen
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -49,6 +50,7 @@ RULES = (
     ("layers", None),
     ("length", None),
     ("head_dim", None),
+    ("lora_rank", None),
 )
 
 
@@ -149,7 +151,10 @@ def tree_specs(tree: Any, mesh, model_configs) -> Any:
 
     def spec(path, leaf):
         shape = np.shape(leaf)
-        axes = _match(_path_names(path), len(shape), table)
+        names = _path_names(path)
+        if names and names[-1] in QUANTIZED_NAMES:  # a quantised kernel's codes and scales keep its rank and axes
+            names = (*names[:-1], "kernel")
+        axes = _match(names, len(shape), table)
         if axes is None:
             return PartitionSpec()
         return logical_spec(axes, shape, mesh, "param " + "/".join(_path_names(path)))
@@ -244,21 +249,27 @@ def to_host(tree: Any) -> Any:
 
 def jit_step(step: Callable, mesh: Mesh, state_shardings: Any) -> Callable:
     """`step(state, batch, key) -> (state, metrics)` jitted on `mesh`: the state keeps its layout
-    and is donated, batch rows are split over data × fsdp, metrics and the key are replicated."""
+    and is donated, batch rows are split over data × fsdp, metrics and the key are replicated.
+    A LoRA state's frozen bases go in as a separate argument, neither donated nor returned, so
+    several parts of the state may share one base (PPO's actor and critic trunk)."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def traced(state, batch, key):
+    def traced(trained, frozen, batch, key):
         with mesh_context(mesh):
-            return step(state, batch, key)
+            new_state, metrics = step(with_frozen(trained, frozen), batch, key)
+        return without_frozen(new_state), metrics
 
+    trained_shardings = without_frozen(state_shardings)
     # The batch's layout is whatever `place_batch` gave it (None: taken from the argument).
     jitted = jax.jit(
-        traced, in_shardings=(state_shardings, None, replicated),
-        out_shardings=(state_shardings, replicated), donate_argnums=0,
+        traced, in_shardings=(trained_shardings, frozen_parts(state_shardings), None, replicated),
+        out_shardings=(trained_shardings, replicated), donate_argnums=0,
     )
 
     def run(state, batch, key):
-        return jitted(state, place_batch(batch, mesh), key)
+        frozen = frozen_parts(state)
+        new_state, metrics = jitted(without_frozen(state), frozen, place_batch(batch, mesh), key)
+        return with_frozen(new_state, frozen), metrics
 
     return run
 

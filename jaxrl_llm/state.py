@@ -9,20 +9,33 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jaxrl_llm.models.lora import combine
+
 SCHEDULES = ("constant", "linear", "cosine")
 
 
 class TrainState(struct.PyTreeNode):
-    """Params of one trained model with its optimizer state and step counter."""
+    """Params of one trained model with its optimizer state and step counter.
+
+    With LoRA, `params` are the adapters (and a scalar model's head) and `frozen` the base they sit
+    on: the model's params are `model_params()`, the optimizer sees `params` only, and the jitted
+    step neither donates nor returns `frozen`, nor does a checkpoint save it (`without_frozen`).
+    """
 
     step: jax.Array
     params: Any
     opt_state: Any
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    frozen: Any = None
 
     @classmethod
-    def create(cls, params: Any, tx: optax.GradientTransformation) -> "TrainState":
-        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx)
+    def create(cls, params: Any, tx: optax.GradientTransformation, frozen: Any = None) -> "TrainState":
+        return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), tx=tx, frozen=frozen)
+
+    def model_params(self, params: Any = None) -> Any:
+        """The whole model's params: `params` (default: the trained ones) over the frozen base."""
+        params = self.params if params is None else params
+        return params if self.frozen is None else combine(self.frozen, params)
 
     def apply_gradients(self, grads: Any) -> "TrainState":
         """One optimizer update; returns the new state."""
@@ -60,3 +73,25 @@ def make_optimizer(
     if grad_clip is None or grad_clip <= 0:
         return adamw
     return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)
+
+
+def _is_train_state(node: Any) -> bool:
+    return isinstance(node, TrainState)
+
+
+def frozen_parts(state: Any) -> list:
+    """The frozen bases of every TrainState in a (nested) state, in tree order."""
+    nodes = jax.tree.leaves(state, is_leaf=_is_train_state)
+    return [node.frozen for node in nodes if _is_train_state(node)]
+
+
+def without_frozen(state: Any) -> Any:
+    """The state with each TrainState's frozen base taken out: what a step donates and a checkpoint holds."""
+    return jax.tree.map(lambda n: n.replace(frozen=None) if _is_train_state(n) else n, state, is_leaf=_is_train_state)
+
+
+def with_frozen(state: Any, frozen: list) -> Any:
+    """`without_frozen`'s inverse: the bases of `frozen_parts` put back in order."""
+    bases = iter(frozen)
+    return jax.tree.map(lambda n: n.replace(frozen=next(bases)) if _is_train_state(n) else n, state,
+                        is_leaf=_is_train_state)

@@ -27,11 +27,13 @@ from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step  # noqa: E402
 from jaxrl_llm.algorithms.ppo import PPOState, make_ppo_step  # noqa: E402
 from jaxrl_llm.algorithms.sft import make_sft_step  # noqa: E402
 from jaxrl_llm.config import DPOSection, GRPOSection, PPOSection  # noqa: E402
-from jaxrl_llm.models.transformer import init_params  # noqa: E402
+from jaxrl_llm.models.lora import init_adapters  # noqa: E402
+from jaxrl_llm.models.transformer import LoraConfig, init_params  # noqa: E402
 from jaxrl_llm.sampling import SamplingConfig, generate  # noqa: E402
 from jaxrl_llm.state import TrainState, make_optimizer  # noqa: E402
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
+LORA_CONFIG = CONFIG.replace(lora=LoraConfig(rank=4, alpha=8.0))
 # A shortened default run (SFT warm start, then GRPO) that test_sharding.py repeats on one device.
 LOOP_OVERRIDES = [
     "data.batch_size=16", "grpo.group_size=4", "data.max_completion_len=6", "data.eval_size=8",
@@ -53,7 +55,21 @@ def cases():
     grpo = GRPOSection(group_size=4, num_iterations=2, num_minibatches=2)
     ppo = PPOSection(epochs=2, num_minibatches=2)
     tokens = lambda b: b.replace(tokens_BxT=b.tokens_BxT % CONFIG.vocab_size)
+    # LoRA: adapters with B ≠ 0 (so A gets gradients too) over the frozen base, which is also the
+    # reference and, for PPO, the critic's trunk: one base shared by three parts of the state.
+    adapters = jax.tree.map(lambda x: x + 0.01, init_adapters(LORA_CONFIG, jax.random.key(3)))
+    critic_head = {"model": adapters, "head": critic["head"]}
+    trunk = {"model": {k: v for k, v in params.items() if k != "lm_head"}}
     return {
+        "sft_lora": (TrainState.create(adapters, optimizer(), params), make_sft_step(LORA_CONFIG, num_microbatches=2),
+                     [tokens(sequence_batch(s, B=16)) for s in range(2)]),
+        "grpo_lora": (GRPOState(TrainState.create(adapters, optimizer(), params)),
+                      make_grpo_step(LORA_CONFIG, grpo, 2, 6),
+                      [rollout(s, prompts=4) for s in range(2)]),
+        "ppo_lora": (PPOState.create(TrainState.create(adapters, optimizer(), params),
+                                     TrainState.create(critic_head, optimizer(), trunk), None, reward, 0.05),
+                     make_ppo_step(LORA_CONFIG, ppo, critic_config=LORA_CONFIG, reward_config=CONFIG),
+                     [rollout(s, prompts=4) for s in range(2)]),
         "sft": (TrainState.create(params, optimizer()), make_sft_step(CONFIG, num_microbatches=2),
                 [tokens(sequence_batch(s, B=16)) for s in range(2)]),
         "dpo": (DPOState(TrainState.create(params, optimizer()), ref), make_dpo_step(CONFIG, DPOSection(), 2),
@@ -69,7 +85,7 @@ def cases():
 
 def run_steps(state, step, batches, mesh):
     """(params-like leaves of the final state, metrics of every step) on `mesh`."""
-    shardings = sharding.tree_shardings(state, mesh, [CONFIG])
+    shardings = sharding.tree_shardings(state, mesh, [CONFIG, LORA_CONFIG])
     state = sharding.place(state, shardings)  # host arrays in: a fresh copy per run (steps donate)
     jitted = sharding.jit_step(step, mesh, shardings)
     metrics = []

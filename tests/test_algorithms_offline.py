@@ -90,7 +90,7 @@ def test_accumulated_metrics_equal_one_big_batch():
     x_BxT = jnp.arange(8.0).reshape(4, 2)
     normalizer = x_BxT.size
 
-    def loss_fn(w, mb):
+    def loss_fn(w, mb, rng):
         part_loss = jnp.sum(w * mb["x"]) / normalizer
         x = mb["x"]
         return part_loss, {"pg_loss": part_loss, "x/min": x.min(), "x/max": x.max(), "x/mean": x.mean()}

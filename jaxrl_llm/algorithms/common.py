@@ -25,14 +25,32 @@ from jaxrl_llm.models.transformer import (
     lm_head_weight,
     positions_from_mask,
 )
+from jaxrl_llm.state import TrainState
 
 Params = Any  # a model's param pytree
+# LoRA dropout's keys are the step key folded with this (the shuffles use fold_in(key, pass) < it).
+DROPOUT_STREAM = 1 << 20
 
 
-def final_hidden(params: Params, model_config: ModelConfig, tokens_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:
+def dropout_rngs(model_config: ModelConfig, rng: jax.Array | None) -> dict:
+    """The `rngs` of a training forward: LoRA dropout's key when it is on, else none (deterministic)."""
+    lora = model_config.lora
+    return {"dropout": rng} if rng is not None and lora is not None and lora.dropout > 0 else {}
+
+
+def reference_of(ref_params: Params | None, policy: TrainState) -> Params:
+    """The frozen reference: its own params, or (LoRA) the policy's base with the adapters off."""
+    return policy.frozen if ref_params is None else ref_params
+
+
+def final_hidden(
+    params: Params, model_config: ModelConfig, tokens_BxT: jax.Array, mask_BxT: jax.Array,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
     """Final-normed hidden states [B,T,D] of the decoder."""
     hidden_BxTxD, _ = Transformer(model_config).apply(
-        {"params": params}, tokens_BxT, positions_from_mask(mask_BxT), mask_BxT, return_hidden=True
+        {"params": params}, tokens_BxT, positions_from_mask(mask_BxT), mask_BxT, return_hidden=True,
+        rngs=dropout_rngs(model_config, dropout_rng),
     )
     return hidden_BxTxD
 
@@ -54,9 +72,10 @@ def hidden_logprobs(
 def score_tokens(
     params: Params, model_config: ModelConfig, tokens_BxT: jax.Array, mask_BxT: jax.Array,
     temperature: float = 1.0, with_entropy: bool = False, chunk_size: int | None = None,
+    dropout_rng: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """`hidden_logprobs` of a forward pass over the tokens."""
-    hidden_BxTxD = final_hidden(params, model_config, tokens_BxT, mask_BxT)
+    hidden_BxTxD = final_hidden(params, model_config, tokens_BxT, mask_BxT, dropout_rng)
     return hidden_logprobs(
         params, model_config, hidden_BxTxD, tokens_BxT, temperature, with_entropy, chunk_size
     )
@@ -84,11 +103,11 @@ def shift_right(x_BxN: jax.Array, by: int = 1) -> jax.Array:
 
 def rollout_scores(
     params: Params, model_config: ModelConfig, batch: RolloutBatch, with_entropy: bool = False,
-    chunk_size: int | None = None,
+    chunk_size: int | None = None, dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """(final hidden [R,T,D], log-probs [R,T], entropy [R,T] or None) of a rollout's answers, at the
     temperature they were sampled at."""
-    hidden_RxTxD = final_hidden(params, model_config, batch.tokens_RxT, batch.mask_RxT)
+    hidden_RxTxD = final_hidden(params, model_config, batch.tokens_RxT, batch.mask_RxT, dropout_rng)
     scored = hidden_logprobs(
         params, model_config, hidden_RxTxD, batch.tokens_RxT, batch.temperature, with_entropy, chunk_size,
         batch.prompt_width,
@@ -112,11 +131,13 @@ def last_token_index(mask_BxT: jax.Array) -> jax.Array:
 
 
 def scalar_scores(
-    params: Params, model_config: ModelConfig, tokens_BxT: jax.Array, mask_BxT: jax.Array
+    params: Params, model_config: ModelConfig, tokens_BxT: jax.Array, mask_BxT: jax.Array,
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """A value/reward model's per-position scalars [B,T] and the score at the last real token [B]."""
     values_BxT = ScalarModel(model_config).apply(
-        {"params": params}, tokens_BxT, positions_from_mask(mask_BxT), mask_BxT
+        {"params": params}, tokens_BxT, positions_from_mask(mask_BxT), mask_BxT,
+        rngs=dropout_rngs(model_config, dropout_rng),
     )
     last_B = last_token_index(mask_BxT)
     return values_BxT, jnp.take_along_axis(values_BxT, last_B[:, None], axis=1)[:, 0]
@@ -155,27 +176,31 @@ def reduce_metrics(metrics_N: dict, summed_losses: bool = False) -> dict:
 
 
 def accumulate_gradients(
-    loss_fn: Callable[[Params, Any], tuple[jax.Array, dict]], params: Params, batch: Any, num_microbatches: int = 1
+    loss_fn: Callable[[Params, Any, jax.Array | None], tuple[jax.Array, dict]], params: Params, batch: Any,
+    num_microbatches: int = 1, rng: jax.Array | None = None,
 ) -> tuple[jax.Array, Params, dict]:
     """(loss, grads, metrics) summed over M microbatches with `lax.scan`; metrics combined by
     `reduce_metrics`.
 
-    `loss_fn(params, microbatch)` must normalise by the whole batch (see `core.loss_normalizer`)
+    `loss_fn(params, microbatch, rng)` must normalise by the whole batch (see `core.loss_normalizer`)
     so that the summed loss and gradients equal those of one big batch; so must the `*_loss`
-    metrics it reports, which are summed like the loss.
+    metrics it reports, which are summed like the loss. `rng` (LoRA dropout's) is folded with the
+    microbatch's index; None stays None.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_microbatches == 1:
-        (loss, metrics), grads = grad_fn(params, batch)
+        (loss, metrics), grads = grad_fn(params, batch, rng)
         return loss, grads, metrics
 
-    def one_microbatch(carry, microbatch):
+    def one_microbatch(carry, indexed):
         loss_sum, grads_sum = carry
-        (loss, metrics), grads = grad_fn(params, microbatch)
+        index, microbatch = indexed
+        micro_rng = None if rng is None else jax.random.fold_in(rng, index)
+        (loss, metrics), grads = grad_fn(params, microbatch, micro_rng)
         return (loss_sum + loss, jax.tree.map(jnp.add, grads_sum, grads)), metrics
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
     (loss, grads), metrics_M = jax.lax.scan(
-        one_microbatch, zeros, split_microbatches(batch, num_microbatches)
+        one_microbatch, zeros, (jnp.arange(num_microbatches), split_microbatches(batch, num_microbatches))
     )
     return loss, grads, reduce_metrics(metrics_M, summed_losses=True)

@@ -14,7 +14,7 @@ import optax
 from flax import struct
 
 from jaxrl_llm.algorithms.batches import PairBatch
-from jaxrl_llm.algorithms.common import Params, accumulate_gradients, score_tokens
+from jaxrl_llm.algorithms.common import Params, accumulate_gradients, reference_of, score_tokens
 from jaxrl_llm.config import DPOSection
 from jaxrl_llm.core import dpo_loss
 from jaxrl_llm.models.transformer import ModelConfig
@@ -22,30 +22,33 @@ from jaxrl_llm.state import TrainState
 
 
 class DPOState(struct.PyTreeNode):
-    """The trained policy and the frozen reference params."""
+    """The trained policy and the frozen reference params (None with LoRA: the policy's base)."""
 
     policy: TrainState
-    ref_params: Any
+    ref_params: Any = None
 
 
 def completion_logps(
-    params: Params, model_config: ModelConfig, batch: PairBatch, chunk_size: int | None = None
+    params: Params, model_config: ModelConfig, batch: PairBatch, chunk_size: int | None = None,
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed completion log-probs (chosen_B, rejected_B) from one forward over both answers."""
     both = batch.stacked()
-    logp_2BxT = score_tokens(params, model_config, both.tokens_BxT, both.mask_BxT, chunk_size=chunk_size)
+    logp_2BxT = score_tokens(
+        params, model_config, both.tokens_BxT, both.mask_BxT, chunk_size=chunk_size, dropout_rng=dropout_rng
+    )
     return jnp.split((logp_2BxT * both.completion_mask_BxT).sum(axis=1), 2)
 
 
 def pair_loss(
     params: Params, ref_params: Params, model_config: ModelConfig, batch: PairBatch, cfg: DPOSection,
-    chunk_size: int | None = None,
+    chunk_size: int | None = None, dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
     """Per-pair DPO loss [B] and metrics; `ipo` averages log-probs per token (as TRL)."""
     ref_chosen_B, ref_rejected_B = jax.lax.stop_gradient(
         completion_logps(ref_params, model_config, batch, chunk_size)
     )
-    chosen_B, rejected_B = completion_logps(params, model_config, batch, chunk_size)
+    chosen_B, rejected_B = completion_logps(params, model_config, batch, chunk_size, dropout_rng)
     lengths = {}
     if cfg.loss == "ipo":
         lengths = dict(
@@ -65,14 +68,16 @@ def make_dpo_step(
     """`step(state, batch, key) -> (state, metrics)` on a `PairBatch`."""
 
     def step(state: DPOState, batch: PairBatch, key=None):
-        del key
         num_pairs = batch.chosen.tokens_BxT.shape[0]
+        ref_params = reference_of(state.ref_params, state.policy)
 
-        def loss_fn(params, micro: PairBatch):
-            loss_B, metrics = pair_loss(params, state.ref_params, model_config, micro, cfg, chunk_size)
+        def loss_fn(params, micro: PairBatch, rng):
+            loss_B, metrics = pair_loss(
+                state.policy.model_params(params), ref_params, model_config, micro, cfg, chunk_size, rng
+            )
             return loss_B.sum() / num_pairs, metrics
 
-        loss, grads, metrics = accumulate_gradients(loss_fn, state.policy.params, batch, num_microbatches)
+        loss, grads, metrics = accumulate_gradients(loss_fn, state.policy.params, batch, num_microbatches, key)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
         return state.replace(policy=state.policy.apply_gradients(grads)), metrics
 

@@ -23,9 +23,11 @@ from flax import struct
 
 from jaxrl_llm.algorithms.batches import RolloutBatch
 from jaxrl_llm.algorithms.common import (
+    DROPOUT_STREAM,
     accumulate_gradients,
     hidden_full_kl,
     reduce_metrics,
+    reference_of,
     rollout_scores,
     update_rows,
 )
@@ -45,7 +47,8 @@ from jaxrl_llm.state import TrainState
 
 
 class GRPOState(struct.PyTreeNode):
-    """The trained policy and the frozen reference (None when no KL term is used)."""
+    """The trained policy and the frozen reference (None when no KL term is used, or with LoRA,
+    whose reference is the policy's base)."""
 
     policy: TrainState
     ref_params: Any = None
@@ -86,13 +89,15 @@ def make_grpo_step(
         R, T = batch.tokens_RxT.shape
         max_len = max_completion_len or T
 
-        def scored(params, rows: RolloutBatch, with_entropy=False):
-            return rollout_scores(params, model_config, rows, with_entropy, chunk_size)
+        ref_params = reference_of(state.ref_params, state.policy) if with_ref else None
+
+        def scored(params, rows: RolloutBatch, with_entropy=False, rng=None):
+            return rollout_scores(params, model_config, rows, with_entropy, chunk_size, rng)
 
         def token_kl(params, rows, hidden_RxTxD, logp_RxT, ref_hidden_RxTxD, ref_logp_RxT):
             if full_kl:
                 return hidden_full_kl(
-                    params, hidden_RxTxD, state.ref_params, ref_hidden_RxTxD, model_config,
+                    params, hidden_RxTxD, ref_params, ref_hidden_RxTxD, model_config,
                     rows.temperature, chunk_size, rows.prompt_width,
                 )
             return kl_estimate(logp_RxT, ref_logp_RxT, cfg.kl_estimator)
@@ -103,17 +108,17 @@ def make_grpo_step(
             batch = batch.replace(completion_mask_RxT=batch.completion_mask_RxT * kept_R[:, None])
         targets, metrics = {}, {}
         if not reuse_logp:
-            old_hidden_RxTxD, old_logp_RxT, _ = jax.lax.stop_gradient(scored(state.policy.params, batch))
+            old_hidden_RxTxD, old_logp_RxT, _ = jax.lax.stop_gradient(scored(state.policy.model_params(), batch))
             targets["old_logp_RxT"] = old_logp_RxT
         rewards_R = batch.rewards_R
         if with_ref:
-            ref_hidden_RxTxD, ref_logp_RxT, _ = scored(state.ref_params, batch)
+            ref_hidden_RxTxD, ref_logp_RxT, _ = scored(ref_params, batch)
             targets["ref_logp_RxT"] = ref_logp_RxT
             if full_kl:
                 targets["ref_hidden_RxTxD"] = ref_hidden_RxTxD
         if with_ref and cfg.kl_placement == "reward":
             kl_RxT = token_kl(
-                state.policy.params, batch, old_hidden_RxTxD, old_logp_RxT, ref_hidden_RxTxD, ref_logp_RxT
+                state.policy.model_params(), batch, old_hidden_RxTxD, old_logp_RxT, ref_hidden_RxTxD, ref_logp_RxT
             )
             seq_kl_R = jnp.sum(kl_RxT * batch.completion_mask_RxT, axis=1)
             rewards_R = rewards_R - cfg.kl_coef * seq_kl_R
@@ -125,9 +130,9 @@ def make_grpo_step(
             metrics["reward/overlong"] = jnp.mean(shaping_R)
         targets["adv"] = advantages(cfg, rewards_R, batch.completion_mask_RxT)
 
-        def loss_fn(params, micro, normalizer):
+        def loss_fn(params, micro, rng, normalizer):
             rows, row_targets = micro
-            hidden_RxTxD, logp_RxT, entropy_RxT = scored(params, rows, with_entropy=True)
+            hidden_RxTxD, logp_RxT, entropy_RxT = scored(params, rows, with_entropy=True, rng=rng)
             mask_RxT = rows.completion_mask_RxT
             old_logp_RxT = jax.lax.stop_gradient(logp_RxT) if reuse_logp else row_targets["old_logp_RxT"]
             pg_RxT, out = policy_loss(logp_RxT, old_logp_RxT, row_targets["adv"], mask_RxT, cfg.loss, **loss_kwargs)
@@ -144,16 +149,19 @@ def make_grpo_step(
                 out["kl/token"] = aggregate(kl_RxT, mask_RxT)
             return loss, out
 
-        def one_update(policy, rows_S):
+        def one_update(policy, indexed):
+            index, rows_S = indexed
             minibatch = jax.tree.map(lambda x: x[rows_S], (batch, targets))
             normalizer = loss_normalizer(minibatch[0].completion_mask_RxT, cfg.aggregation)
             loss, grads, out = accumulate_gradients(
-                lambda p, micro: loss_fn(p, micro, normalizer), policy.params, minibatch, num_microbatches
+                lambda p, micro, rng: loss_fn(policy.model_params(p), micro, rng, normalizer), policy.params,
+                minibatch, num_microbatches, jax.random.fold_in(dropout_key, index),
             )
             return policy.apply_gradients(grads), {"loss": loss, "grad_norm": optax.tree.norm(grads), **out}
 
+        dropout_key = jax.random.fold_in(key, DROPOUT_STREAM)
         rows_UxS = update_rows(key, R, cfg.num_minibatches, cfg.num_iterations)
-        policy, update_metrics = jax.lax.scan(one_update, state.policy, rows_UxS)
+        policy, update_metrics = jax.lax.scan(one_update, state.policy, (jnp.arange(len(rows_UxS)), rows_UxS))
         metrics.update(reduce_metrics(update_metrics))
         metrics.update(_rollout_metrics(
             batch.rewards_R, targets["adv"], batch.completion_mask_RxT, lengths_R, batch.truncated_R, cfg.group_size

@@ -26,9 +26,11 @@ from flax import struct
 
 from jaxrl_llm.algorithms.batches import RolloutBatch
 from jaxrl_llm.algorithms.common import (
+    DROPOUT_STREAM,
     accumulate_gradients,
     hidden_full_kl,
     reduce_metrics,
+    reference_of,
     rollout_scores,
     scalar_scores,
     shift_right,
@@ -52,7 +54,8 @@ from jaxrl_llm.state import TrainState
 
 
 class PPOState(struct.PyTreeNode):
-    """Actor and critic with their optimizers, the frozen reference and reward model, and β."""
+    """Actor and critic with their optimizers, the frozen reference (None with LoRA: the actor's
+    base) and reward model, and β."""
 
     actor: TrainState
     critic: TrainState
@@ -85,11 +88,11 @@ def make_ppo_step(
     reward_config = reward_config or model_config
     full_kl = cfg.kl_estimator == "full"
 
-    def scored(params, rows: RolloutBatch, with_entropy=False):
-        return rollout_scores(params, model_config, rows, with_entropy, chunk_size)
+    def scored(params, rows: RolloutBatch, with_entropy=False, rng=None):
+        return rollout_scores(params, model_config, rows, with_entropy, chunk_size, rng)
 
-    def values_of(params, rows: RolloutBatch):
-        values_RxT, _ = scalar_scores(params, critic_config, rows.tokens_RxT, rows.mask_RxT)
+    def values_of(params, rows: RolloutBatch, rng=None):
+        values_RxT, _ = scalar_scores(params, critic_config, rows.tokens_RxT, rows.mask_RxT, rng)
         return shift_right(values_RxT[:, :-1])
 
     def step(state: PPOState, batch: RolloutBatch, key: jax.Array):
@@ -99,11 +102,12 @@ def make_ppo_step(
         # controller's β lives in the state, starting from ppo.kl_coef.
         beta = state.kl_coef if cfg.adaptive_kl else jnp.asarray(cfg.kl_coef, jnp.float32)
 
-        hidden_RxTxD, old_logp_RxT, _ = jax.lax.stop_gradient(scored(state.actor.params, batch))
-        ref_hidden_RxTxD, ref_logp_RxT, _ = scored(state.ref_params, batch)
+        actor_params, ref_params = state.actor.model_params(), reference_of(state.ref_params, state.actor)
+        hidden_RxTxD, old_logp_RxT, _ = jax.lax.stop_gradient(scored(actor_params, batch))
+        ref_hidden_RxTxD, ref_logp_RxT, _ = scored(ref_params, batch)
         if full_kl:
             kl_RxT = hidden_full_kl(
-                state.actor.params, hidden_RxTxD, state.ref_params, ref_hidden_RxTxD, model_config,
+                actor_params, hidden_RxTxD, ref_params, ref_hidden_RxTxD, model_config,
                 batch.temperature, chunk_size, batch.prompt_width,
             )
         else:
@@ -117,7 +121,7 @@ def make_ppo_step(
         rewards_RxT = ppo_token_rewards(
             score_R, kl_RxT, mask_RxT, beta, batch.truncated_R, cfg.missing_stop_penalty or 0.0
         )
-        old_values_RxT = values_of(state.critic.params, batch)
+        old_values_RxT = values_of(state.critic.model_params(), batch)
         adv_RxT, returns_RxT = gae(rewards_RxT, old_values_RxT, mask_RxT, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv_RxT = whiten(adv_RxT, mask_RxT)
@@ -126,9 +130,9 @@ def make_ppo_step(
             "returns_RxT": returns_RxT,
         }
 
-        def actor_loss(params, micro, normalizer):
+        def actor_loss(params, micro, rng, normalizer):
             rows, row_targets = micro
-            _, logp_RxT, entropy_RxT = scored(params, rows, with_entropy=True)
+            _, logp_RxT, entropy_RxT = scored(params, rows, with_entropy=True, rng=rng)
             m_RxT = rows.completion_mask_RxT
             pg_RxT, out = policy_loss(
                 logp_RxT, row_targets["old_logp_RxT"], row_targets["adv_RxT"], m_RxT, "ppo",
@@ -138,9 +142,9 @@ def make_ppo_step(
             loss = pg_loss + entropy_bonus(entropy_RxT, m_RxT, cfg.entropy_coef, "token_mean", normalizer)
             return loss, {**out, "pg_loss": pg_loss, "entropy": aggregate(entropy_RxT, m_RxT)}
 
-        def critic_loss(params, micro, normalizer):
+        def critic_loss(params, micro, rng, normalizer):
             rows, row_targets = micro
-            values_RxT = values_of(params, rows)
+            values_RxT = values_of(params, rows, rng)
             vf_RxT, out = value_loss(
                 values_RxT, row_targets["old_values_RxT"], row_targets["returns_RxT"], rows.completion_mask_RxT,
                 cfg.value_clip,
@@ -148,15 +152,19 @@ def make_ppo_step(
             vf_loss = aggregate(vf_RxT, rows.completion_mask_RxT, "token_mean", normalizer)
             return cfg.vf_coef * vf_loss, {**out, "vf_loss": vf_loss}
 
-        def one_update(models, rows):
+        def one_update(models, indexed):
             actor, critic = models
+            index, rows = indexed
             mb = jax.tree.map(lambda x: x[rows], (batch, targets))
             normalizer = loss_normalizer(mb[0].completion_mask_RxT, "token_mean")
+            rng = jax.random.fold_in(dropout_key, index)
             _, actor_grads, actor_out = accumulate_gradients(
-                lambda p, micro: actor_loss(p, micro, normalizer), actor.params, mb, num_microbatches
+                lambda p, micro, r: actor_loss(actor.model_params(p), micro, r, normalizer), actor.params, mb,
+                num_microbatches, jax.random.fold_in(rng, 0),
             )
             _, critic_grads, critic_out = accumulate_gradients(
-                lambda p, micro: critic_loss(p, micro, normalizer), critic.params, mb, num_microbatches
+                lambda p, micro, r: critic_loss(critic.model_params(p), micro, r, normalizer), critic.params, mb,
+                num_microbatches, jax.random.fold_in(rng, 1),
             )
             out = {
                 **actor_out, **critic_out,
@@ -165,8 +173,11 @@ def make_ppo_step(
             }
             return (actor.apply_gradients(actor_grads), critic.apply_gradients(critic_grads)), out
 
+        dropout_key = jax.random.fold_in(key, DROPOUT_STREAM)
         rows_UxS = update_rows(key, R, cfg.num_minibatches, cfg.epochs)
-        (actor, critic), update_metrics = jax.lax.scan(one_update, (state.actor, state.critic), rows_UxS)
+        (actor, critic), update_metrics = jax.lax.scan(
+            one_update, (state.actor, state.critic), (jnp.arange(len(rows_UxS)), rows_UxS)
+        )
 
         seq_kl_R = jnp.sum(kl_RxT * mask_RxT, axis=1)
         kl_coef = beta

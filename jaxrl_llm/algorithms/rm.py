@@ -19,10 +19,12 @@ from jaxrl_llm.models.transformer import ModelConfig
 from jaxrl_llm.state import TrainState
 
 
-def pair_rewards(params: Params, model_config: ModelConfig, batch: PairBatch) -> tuple[jax.Array, jax.Array]:
+def pair_rewards(
+    params: Params, model_config: ModelConfig, batch: PairBatch, dropout_rng: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """(r_chosen_B, r_rejected_B): one forward over chosen and rejected stacked."""
     both = batch.stacked()
-    _, rewards_2B = scalar_scores(params, model_config, both.tokens_BxT, both.mask_BxT)
+    _, rewards_2B = scalar_scores(params, model_config, both.tokens_BxT, both.mask_BxT, dropout_rng)
     return jnp.split(rewards_2B, 2)
 
 
@@ -32,16 +34,15 @@ def make_rm_step(
     """`step(state, batch, key) -> (state, metrics)` on a `PairBatch`."""
 
     def step(state: TrainState, batch: PairBatch, key=None):
-        del key
         num_pairs = batch.chosen.tokens_BxT.shape[0]
 
-        def loss_fn(params, micro: PairBatch):
-            r_chosen_B, r_rejected_B = pair_rewards(params, model_config, micro)
+        def loss_fn(params, micro: PairBatch, rng):
+            r_chosen_B, r_rejected_B = pair_rewards(state.model_params(params), model_config, micro, rng)
             margin_B = jnp.full_like(r_chosen_B, cfg.margin)
             loss_B, metrics = reward_model_loss(r_chosen_B, r_rejected_B, margin_B, cfg.center_coef)
             return loss_B.sum() / num_pairs, metrics
 
-        loss, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, num_microbatches)
+        loss, grads, metrics = accumulate_gradients(loss_fn, state.params, batch, num_microbatches, key)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
         return state.apply_gradients(grads), metrics
 

@@ -24,14 +24,17 @@ def make_sft_step(
     """`step(state, batch, key) -> (state, metrics)` on a `SequenceBatch`."""
 
     def step(state: TrainState, batch: SequenceBatch, key=None):
-        del key  # SFT is deterministic; the argument keeps every step's signature the same.
+        # The key only draws LoRA dropout; without it SFT is deterministic.
         normalizer = loss_normalizer(batch.completion_mask_BxT, aggregation)
 
-        def loss_fn(params, micro: SequenceBatch):
-            logp_BxT = score_tokens(params, model_config, micro.tokens_BxT, micro.mask_BxT, chunk_size=chunk_size)
+        def loss_fn(params, micro: SequenceBatch, rng):
+            logp_BxT = score_tokens(
+                state.model_params(params), model_config, micro.tokens_BxT, micro.mask_BxT, chunk_size=chunk_size,
+                dropout_rng=rng,
+            )
             return sft_loss(logp_BxT, micro.completion_mask_BxT, aggregation, normalizer), {}
 
-        loss, grads, _ = accumulate_gradients(loss_fn, state.params, batch, num_microbatches)
+        loss, grads, _ = accumulate_gradients(loss_fn, state.params, batch, num_microbatches, key)
         metrics = {
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),

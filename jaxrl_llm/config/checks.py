@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 
 import jax
 
@@ -17,6 +19,7 @@ from jaxrl_llm import rewards
 from jaxrl_llm.config.schema import Config
 from jaxrl_llm.data import TASK_FIELDS
 from jaxrl_llm.errors import ConfigError, RewardError, did_you_mean
+from jaxrl_llm.models.transformer import PROJECTIONS, LoraConfig
 from jaxrl_llm.rewards import REWARD_MODEL
 
 _POSITIVE = (
@@ -29,11 +32,13 @@ _POSITIVE = (
     "grpo.overlong_buffer", "ppo.epochs", "ppo.num_minibatches", "ppo.value_clip", "ppo.kl_target",
     "ppo.kl_horizon", "ppo.reward_clip", "dpo.beta", "train.total_steps", "train.grad_accum", "train.log_every",
     "train.keep_checkpoints", "train.sft_warmup_lr", "train.sft_warmup_batch_size", "optim.decay_steps",
+    "model.lora.alpha",
 )
 _NON_NEGATIVE = (
     "seed", "data.eval_size", "optim.warmup_steps", "optim.weight_decay", "sampling.top_k", "grpo.eps_high",
     "grpo.gspo_eps_high", "grpo.kl_coef", "ppo.vf_coef", "ppo.kl_coef", "ppo.entropy_coef", "ppo.missing_stop_penalty",
     "rm.margin", "rm.center_coef", "train.eval_every", "train.checkpoint_every", "train.sft_warmup_steps",
+    "model.lora.rank",
 )
 # (fields, test, requirement, why); a None value (a feature turned off) passes.
 _RULES = (
@@ -47,6 +52,7 @@ _RULES = (
     (("grpo.group_size",), lambda v: v >= 2, "must be >= 2", "the baseline is the mean of the prompt's group"),
     (("ppo.gamma", "ppo.lam"), lambda v: 0 <= v <= 1, "must be in [0, 1]", ""),
     (("dpo.label_smoothing",), lambda v: 0 <= v < 0.5, "must be in [0, 0.5)", "robust DPO divides by 1 - 2ε"),
+    (("model.lora.dropout",), lambda v: 0 <= v < 1, "must be in [0, 1)", "PEFT's lora_dropout"),
 )
 
 
@@ -143,6 +149,35 @@ def _check_model(config: Config) -> None:
         )
 
 
+def _check_lora(config: Config) -> None:
+    """LoRA's targets name projections; its other fields need a rank; the adapters' start exists."""
+    lora = config.model.lora
+    if lora.rank == 0:
+        changed = [name for name in ("quantize", "init_from") if getattr(lora, name) is not None]
+        if changed:
+            raise ConfigError(
+                f"model.lora.{changed[0]} needs LoRA: set model.lora.rank (e.g. 16) to train adapters on the "
+                "frozen base, or unset it for full fine-tuning."
+            )
+        return
+    as_model = LoraConfig(lora.rank, lora.alpha, lora.dropout, lora.targets, lora.rslora)
+    for target in lora.targets:
+        try:
+            re.compile(target)
+        except re.error as error:
+            raise ConfigError(f"model.lora.targets: {target!r} is not a valid pattern ({error}).") from None
+    if not any(as_model.targets_module(name) for name in PROJECTIONS):
+        raise ConfigError(
+            f"model.lora.targets {list(lora.targets)} match none of the projections {', '.join(PROJECTIONS)}; "
+            "name some of them, use 'all-linear', or a pattern such as '(q|v)_proj'."
+        )
+    if lora.init_from is not None and not os.path.isfile(os.path.join(lora.init_from, "adapter_config.json")):
+        raise ConfigError(
+            f"model.lora.init_from: {lora.init_from!r} holds no adapter_config.json; pass a PEFT adapter folder "
+            "(one saved by peft's save_pretrained, or a run's RUN_DIR/adapter)."
+        )
+
+
 def _check_data_source(config: Config) -> None:
     """data.task names a built-in task (with room for a training split), a .jsonl path or hf:<dataset>."""
     data = config.data
@@ -179,6 +214,7 @@ def check_common(config: Config, max_positions: int | None = None) -> None:
     _check_mesh(config)
     _check_lengths(config, max_positions)
     _check_model(config)
+    _check_lora(config)
     _check_data_source(config)
     _check_policy_loss(config)
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 from jaxrl_llm.core import advantages, losses
 from jaxrl_llm.data import OPERATORS, PROMPT_OVERFLOW
+from jaxrl_llm.models import quantize
 from jaxrl_llm.models.transformer import ATTENTION_KINDS, DTYPES, REMAT_POLICIES
 from jaxrl_llm.padding import BUCKETS
 from jaxrl_llm.state import SCHEDULES
@@ -37,6 +38,21 @@ class TinyModel:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSection:
+    """LoRA adapters (Hu et al. 2021; PEFT's fields) and the frozen base's storage (QLoRA)."""
+
+    rank: int = 0  # 0: full fine-tuning; r > 0 trains adapters of rank r only
+    alpha: float = 16.0  # the update is scaled by alpha / rank (PEFT lora_alpha)
+    dropout: float = 0.0  # on the adapters' input in training forwards (PEFT lora_dropout)
+    # q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, "all-linear", or regular
+    # expressions matched against those names (PEFT target_modules)
+    targets: tuple[str, ...] = ("all-linear",)
+    rslora: bool = False  # scale alpha / sqrt(rank) (rsLoRA, PEFT use_rslora)
+    quantize: Literal[quantize.KINDS] | None = None  # int8 / nf4: the frozen base, dequantised per matmul
+    init_from: str | None = None  # a PEFT adapter folder (adapter_config.json) to start from
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSection:
     """The policy's weights and numerics, and the checkpoints of the frozen or extra models."""
 
@@ -52,6 +68,7 @@ class ModelSection:
     # None: the policy's backbone with a fresh value head (seed design, verl); TRL and OpenRLHF
     # start the critic from the reward model instead.
     critic_path: str | None = None
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
 
 
 @dataclasses.dataclass(frozen=True)

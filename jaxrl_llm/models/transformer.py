@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import math
 import operator
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -27,14 +28,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrl_llm.models import quantize
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ATTENTION_KINDS = ("xla", "cudnn")
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUANTIZED_NAMES = (*quantize.CODE_NAMES.values(), quantize.SCALE_NAME)
 Cache = dict[str, jax.Array]  # {"k": [L,B,S,K,E], "v": [L,B,S,K,E]}
 CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+def contracted_axes(projection: str) -> int:
+    """How many leading kernel axes a projection contracts: o_proj's (heads, head_dim), else one."""
+    return 2 if projection == "o_proj" else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters on the projections named by `targets` (names, "all-linear", or regular
+    expressions matched against the projection names, as PEFT's `target_modules`)."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("all-linear",)
+    rslora: bool = False  # scale α/√r (Kalajdzievski 2023) instead of α/r
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def targets_module(self, name: str) -> bool:
+        return any(t == "all-linear" or re.fullmatch(t, name) for t in self.targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +98,7 @@ class ModelConfig:
     # for the full-sequence passes (training, scoring, prefill) on an NVIDIA GPU in bf16/fp16;
     # decoding steps keep the einsums.
     attention: str = "xla"
+    lora: LoraConfig | None = None  # adapters on the projections; None: full fine-tuning
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -188,12 +218,19 @@ class RMSNorm(nn.Module):
 
 
 class Projection(nn.Module):
-    """x's trailing axes contracted with the kernel's leading `contract` axes (+ bias), like DenseGeneral.
+    """x's trailing axes contracted with the kernel's leading `contract` axes (+ bias), like DenseGeneral,
+    plus a LoRA update when the params hold one and a kernel stored quantised (`models.quantize`).
 
     The product runs as one 2-D matmul over flattened rows and features: XLA CPU lays out the
     backward of a matmul with several batch or contracting axes through slow transposing copies
     (a training step was ~17% slower). Flax's DenseGeneral would flatten its kernel at init, which
     breaks the kernel's logical sharding under a mesh; this kernel keeps its shape.
+
+    LoRA (Hu et al. 2021, arXiv 2106.09685): y = x·W + s·(dropout(x)·A)·B with A [features, r],
+    B [r, out], s = α/r (or α/√r, rsLoRA), applied unmerged so that no gradient of W is computed.
+    The adapters are params `lora_a`, `lora_b` beside the kernel; init creates them when
+    `config.lora` targets this projection, and apply uses them when present, so the same module
+    without them is the base model (the reference of a LoRA run).
     """
 
     shape: tuple[int, ...]
@@ -205,14 +242,46 @@ class Projection(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype, param_dtype = _dtype(self.config.dtype), _dtype(self.config.param_dtype)
-        kernel = self.param("kernel", _kernel_init(self.config, self.axes), self.shape, param_dtype)
         features, out_shape = math.prod(self.shape[: self.contract]), self.shape[self.contract :]
         rows = x.shape[: x.ndim - self.contract]
-        y = x.reshape(-1, features).astype(dtype) @ kernel.reshape(features, -1).astype(dtype)
+        x_NxF = x.reshape(-1, features).astype(dtype)
+        y = x_NxF @ self._kernel(param_dtype).reshape(features, -1).astype(dtype)
         if self.bias:
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.contract :])
             y = y + self.param("bias", bias_init, out_shape, param_dtype).reshape(-1).astype(dtype)
+        lora = self.config.lora
+        if lora is not None and lora.targets_module(self.name) and (
+            self.is_initializing() or self.has_variable("params", "lora_a")
+        ):
+            y = y + self._lora_update(x_NxF, lora, features, param_dtype)
         return y.reshape(*rows, *out_shape)
+
+    def _kernel(self, param_dtype) -> jax.Array:
+        """The kernel, dequantised in the compute dtype when the params hold it quantised."""
+        stored = {name: self.get_variable("params", name) for name in QUANTIZED_NAMES
+                  if self.has_variable("params", name)}
+        if stored:
+            return quantize.kernel_of(stored, self.contract - 1, _dtype(self.config.dtype))
+        return self.param("kernel", _kernel_init(self.config, self.axes), self.shape, param_dtype)
+
+    def _lora_update(self, x_NxF, lora: "LoraConfig", features: int, param_dtype) -> jax.Array:
+        """s·(dropout(x)·A)·B [N, out]; dropout only when the apply call passes a "dropout" rng."""
+        dtype, contract = _dtype(self.config.dtype), self.contract
+        # PEFT's default: A ~ kaiming_uniform(a=√5), i.e. U(±1/√fan_in); B = 0 so the update starts at 0.
+        bound = 1.0 / math.sqrt(features)
+        a_init = nn.with_logical_partitioning(
+            lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound),
+            self.axes[:contract] + ("lora_rank",),
+        )
+        a = self.param("lora_a", a_init, self.shape[:contract] + (lora.rank,), param_dtype)
+        b = self.param(
+            "lora_b", nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank",) + self.axes[contract:]),
+            (lora.rank,) + self.shape[contract:], param_dtype,
+        )
+        if lora.dropout > 0 and self.has_rng("dropout"):
+            x_NxF = nn.Dropout(lora.dropout, deterministic=False)(x_NxF)
+        low_NxR = x_NxF @ a.reshape(features, lora.rank).astype(dtype)
+        return (low_NxR @ b.reshape(lora.rank, -1).astype(dtype)) * jnp.asarray(lora.scale, dtype)
 
 
 @jax.checkpoint
@@ -312,20 +381,10 @@ class MLP(nn.Module):
         cfg = self.config
         B, T, D = x_BxTxD.shape
         x_NxD = x_BxTxD.reshape(B * T, D)
-        dense = dict(use_bias=False, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype))
-        gate_NxF = nn.Dense(
-            cfg.intermediate_size, kernel_init=_kernel_init(cfg, ("embed", "mlp")),
-            name="gate_proj", **dense,
-        )(x_NxD)
-        up_NxF = nn.Dense(
-            cfg.intermediate_size, kernel_init=_kernel_init(cfg, ("embed", "mlp")),
-            name="up_proj", **dense,
-        )(x_NxD)
+        gate_NxF = Projection((D, cfg.intermediate_size), ("embed", "mlp"), cfg, name="gate_proj")(x_NxD)
+        up_NxF = Projection((D, cfg.intermediate_size), ("embed", "mlp"), cfg, name="up_proj")(x_NxD)
         hidden_NxF = nn.with_logical_constraint(nn.silu(gate_NxF) * up_NxF, ("batch", "mlp"))
-        down_NxD = nn.Dense(
-            cfg.hidden_size, kernel_init=_kernel_init(cfg, ("mlp", "embed")),
-            name="down_proj", **dense,
-        )(hidden_NxF)
+        down_NxD = Projection((cfg.intermediate_size, D), ("mlp", "embed"), cfg, name="down_proj")(hidden_NxF)
         return down_NxD.reshape(B, T, D)
 
 
@@ -396,7 +455,7 @@ class Transformer(nn.Module):
         layers = nn.scan(
             layer,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},

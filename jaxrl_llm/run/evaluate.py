@@ -11,8 +11,9 @@ import orbax.checkpoint as ocp
 from jaxrl_llm import checkpoint
 from jaxrl_llm.config import Config, load_config
 from jaxrl_llm.errors import ConfigError, TrainingError
+from jaxrl_llm.models import lora, peft
 from jaxrl_llm.run.examples import prepare_examples
-from jaxrl_llm.run.policy import Policy, load_policy
+from jaxrl_llm.run.policy import Policy, load_policy, lora_base
 from jaxrl_llm.run.registry import algorithm, check
 from jaxrl_llm.run.rollouts import Rollouts, evaluation_rewards, reward_function
 
@@ -22,9 +23,20 @@ def is_run_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.yaml"))
 
 
-def load_trained_policy(config: Config, source: str) -> Policy:
+def load_trained_policy(config: Config, source: str, adapter: str | None = None) -> Policy:
     """The policy to evaluate: a run folder's latest checkpoint (in the architecture of the run's own
-    config.yaml) or hf/ export, or any model source."""
+    config.yaml; a LoRA run's adapters on the base it trained them on) or hf/ export, or any model
+    source; `adapter`, a PEFT adapter folder, is put on top."""
+    policy = _trained_policy(config, source)
+    if adapter is None:
+        return policy
+    settings, _ = peft.read_adapter_config(adapter)
+    model_config = policy.config.replace(lora=settings)
+    params = lora.merge_jit(policy.params, policy.config)
+    return Policy(model_config, lora.combine(params, peft.load_adapter(adapter, model_config)), policy.tokenizer)
+
+
+def _trained_policy(config: Config, source: str) -> Policy:
     if not is_run_dir(source):
         return load_policy(config, source)
     manager = checkpoint.checkpoint_manager(os.path.join(source, "checkpoints"))
@@ -38,10 +50,16 @@ def load_trained_policy(config: Config, source: str) -> Policy:
     if "head" in trained["params"]:
         raise TrainingError(f"{source} is a reward/value model run; evaluate a policy (sft, grpo, ppo, dpo run).")
     own = load_config(os.path.join(source, "config.yaml"))  # the run's own architecture and tokenizer
-    return dataclasses.replace(load_policy(own), params=trained["params"])
+    warm = os.path.join(source, "sft_warmup")
+    start = _trained_policy(own, warm) if own.model.lora.rank and is_run_dir(warm) else load_policy(own)
+    if start.config.lora is None:
+        return dataclasses.replace(start, params=trained["params"])
+    return dataclasses.replace(start, params=lora.combine(lora_base(own, start), trained["params"]))
 
 
-def evaluate(config: Config, source: str, samples: int = 3, temperature: float = 0.0, n: int = 1) -> dict:
+def evaluate(
+    config: Config, source: str, samples: int = 3, temperature: float = 0.0, n: int = 1, adapter: str | None = None
+) -> dict:
     """Held-out metrics of `source` on `config`'s task, with `samples` prompt/answer pairs; greedy
     answers, or `n` per prompt sampled at `temperature`. The answers are scored by the algorithm's
     reward functions if it has some, else by what the examples and a reward model allow."""
@@ -51,7 +69,7 @@ def evaluate(config: Config, source: str, samples: int = 3, temperature: float =
         raise ConfigError(f"--temperature must be >= 0 and --n >= 1, got {temperature} and {n}.")
     entry = algorithm(config)
     config = check(dataclasses.replace(config, train=dataclasses.replace(config.train, sft_warmup_steps=0)))
-    policy = load_trained_policy(config, source)
+    policy = load_trained_policy(config, source, adapter)
     check(config, policy.config.max_position_embeddings)
     _, eval_set = prepare_examples(config, policy.tokenizer, ("prompt",))
     section = getattr(config, entry.section) if entry.section else None
@@ -60,7 +78,8 @@ def evaluate(config: Config, source: str, samples: int = 3, temperature: float =
     else:
         names, weights = evaluation_rewards(config, eval_set[0])
     rollouts = Rollouts(config, policy, eval_set, 1, reward_function(config, policy, names, weights))
-    metrics, answers = rollouts.evaluate_answers(policy.params, eval_set, temperature, n)
+    metrics, answers = rollouts.evaluate_answers(lora.for_generation(policy.params, policy.config), eval_set,
+                                                 temperature, n)
     answers = answers[:: n if temperature > 0 else 1]  # one answer per prompt to show
     shown = [
         {"prompt": example["prompt"] if isinstance(example["prompt"], str) else example["prompt"][-1]["content"],

@@ -35,7 +35,7 @@ from jaxrl_llm.run.keys import STEP, stream_key
 from jaxrl_llm.run.phases import Phase, decay_steps
 from jaxrl_llm.run.policy import Policy, load_policy, run_mesh
 from jaxrl_llm.run.stops import StopRequests
-from jaxrl_llm.state import learning_rate_schedule
+from jaxrl_llm.state import frozen_parts, learning_rate_schedule, with_frozen, without_frozen
 
 CONSOLE_METRICS = ("loss", "reward/mean", "accuracy", "kl", "eval/accuracy", "eval/reward")
 # on_event(name, run_dir, step): "started" when the loop is about to run `step` (a resume has restored
@@ -166,7 +166,7 @@ def run_phase(
                 if writer is not None and (step % t.log_every == 0 or evaluated or step == t.total_steps - 1):
                     writer.write(step, row)
                 if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
-                    checkpoint.save(manager, step, state, meta(step))
+                    checkpoint.save(manager, step, without_frozen(state), meta(step))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{row[k]:.3g}" for k in CONSOLE_METRICS if k in row}, refresh=False)
@@ -180,7 +180,7 @@ def run_phase(
         if bar is not None:
             bar.close()
     if done >= start and manager.latest_step() != done:
-        checkpoint.save(manager, done, state, meta(done))
+        checkpoint.save(manager, done, without_frozen(state), meta(done))
     if stop.signal is not None:
         name = "terminated (SIGTERM)" if stop.signal == signal.SIGTERM else "interrupted"
         print(f"\n{name}: step {done} is saved in {manager.directory}; resume with train.resume=true")
@@ -207,10 +207,12 @@ def _resume(config: Config, manager, state):
                 "train.resume=true to continue that run, or choose another run_dir."
             )
         return 0, state, {}
-    restored = checkpoint.restore_latest(manager, state)
+    # A checkpoint holds the trained params and optimizer state; a LoRA run's frozen base is the model it loaded.
+    restored = checkpoint.restore_latest(manager, without_frozen(state))
     if restored is None:
         return 0, state, {}
-    step, state, meta = restored
+    step, trained, meta = restored
+    state = with_frozen(trained, frozen_parts(state))
     if step + 1 > t.total_steps:
         raise TrainingError(
             f"{config.run_dir} has already trained {step + 1} steps, more than train.total_steps={t.total_steps}; "

@@ -11,6 +11,7 @@ from jaxrl_llm import metrics as metrics_lib
 from jaxrl_llm import sharding
 from jaxrl_llm.config import Config
 from jaxrl_llm.errors import TrainingError
+from jaxrl_llm.models import lora, peft
 from jaxrl_llm.models.load import export_hf
 from jaxrl_llm.run.policy import Policy
 
@@ -29,14 +30,28 @@ def writable(run_dir: str) -> None:
         ) from None
 
 
-def finish(config: Config, policy: Policy, last: dict, quiet: bool) -> None:
-    """Export to RUN_DIR/hf if asked, draw RUN_DIR/metrics.png, write and print the summary
-    (files are written by process 0 of a multi-host run)."""
-    params = sharding.to_host(policy.params) if config.train.export_hf else None  # every process joins
+def export(config: Config, policy: Policy) -> None:
+    """RUN_DIR/hf, a folder transformers loads (LoRA merged into the base), and for a LoRA policy also
+    RUN_DIR/adapter, a PEFT adapter folder for the base model (`PeftModel.from_pretrained`)."""
+    params = policy.params
+    if policy.config.lora is not None:
+        params = lora.merge_jit(params, policy.config)
+    params = sharding.to_host(params)  # every process joins
+    adapters = sharding.to_host(lora.split(policy.params)[1]) if policy.config.lora is not None else None
     if jax.process_index() != 0:
         return
+    export_hf(params, os.path.join(config.run_dir, "hf"), policy.config, policy.tokenizer)
+    if adapters and "head" not in policy.params:  # PEFT's causal-LM adapters; a reward model exports merged only
+        peft.save_adapter(os.path.join(config.run_dir, "adapter"), adapters, policy.config, config.model.source)
+
+
+def finish(config: Config, policy: Policy, last: dict, quiet: bool) -> None:
+    """Export to RUN_DIR/hf (and RUN_DIR/adapter) if asked, draw RUN_DIR/metrics.png, write and print
+    the summary (files are written by process 0 of a multi-host run)."""
     if config.train.export_hf:
-        export_hf(params, os.path.join(config.run_dir, "hf"), policy.config, policy.tokenizer)
+        export(config, policy)
+    if jax.process_index() != 0:
+        return
     summary = {k: float(v) for k, v in last.items()}
     metrics_lib.write_summary(config.run_dir, summary)
     try:  # after summary.json, whose before-training evaluation starts the eval curves

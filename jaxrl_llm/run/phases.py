@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import jax
 
-from jaxrl_llm.algorithms.common import score_tokens
+from jaxrl_llm.algorithms.common import reference_of, score_tokens
 from jaxrl_llm.algorithms.dpo import DPOState, make_dpo_step, pair_loss
 from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step, uses_reference
 from jaxrl_llm.algorithms.ppo import PPOState, make_ppo_step
@@ -21,10 +21,10 @@ from jaxrl_llm.algorithms.rm import make_rm_eval, make_rm_step
 from jaxrl_llm.algorithms.sft import make_sft_step
 from jaxrl_llm.config import Config
 from jaxrl_llm.core import sft_loss
-from jaxrl_llm.models.load import init_scalar_params_from_lm
+from jaxrl_llm.models import lora
 from jaxrl_llm.run.examples import pair_batch, sequence_batch, step_rows
 from jaxrl_llm.run.keys import INIT, stream_key
-from jaxrl_llm.run.policy import Policy, load_scalar, own_copy, reference_params
+from jaxrl_llm.run.policy import Policy, load_scalar, lora_parts, own_copy, reference_params, scalar_parts
 from jaxrl_llm.run.rollouts import Rollouts, evaluation_rewards, reward_function, reward_model_reward
 from jaxrl_llm.state import TrainState, make_optimizer
 
@@ -36,7 +36,7 @@ class Phase:
     state: Any
     step: Callable  # step(state, batch, key) -> (state, metrics), pure; the loop jits it
     make_batch: Callable[[Any, int], tuple[Any, dict]]  # (state, step) -> (batch, host metrics)
-    policy_params: Callable[[Any], Any]
+    policy_params: Callable[[Any], Any]  # the trained model's whole params (with LoRA: base + adapters)
     evaluate: Callable[[Any], dict] | None = None
     model_configs: tuple = ()  # every architecture in the state (PPO: critic, reward model), for placement
 
@@ -55,6 +55,12 @@ def optimizer(config: Config, lr: float | None = None):
     )
 
 
+def policy_state(config: Config, policy: Policy) -> TrainState:
+    """The policy's train state: all its params, or with LoRA its adapters over the frozen base."""
+    trained, frozen = lora_parts(config, policy, jax.random.fold_in(stream_key(config.seed, INIT), 4))
+    return TrainState.create(trained, optimizer(config), frozen)
+
+
 def sft_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: list[dict]) -> Phase:
     """Masked next-token training on prompt/completion examples."""
     step = make_sft_step(policy.config, num_microbatches=config.train.grad_accum)
@@ -68,15 +74,15 @@ def sft_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
     ))
 
     def evaluate(state):
-        return {"eval/loss": eval_loss(state.params, sequence_batch(tokenizer, eval_set, config))}
+        return {"eval/loss": eval_loss(state.model_params(), sequence_batch(tokenizer, eval_set, config))}
 
-    return Phase(TrainState.create(policy.params, optimizer(config)), step, make_batch, lambda st: st.params, evaluate)
+    return Phase(policy_state(config, policy), step, make_batch, lambda st: st.model_params(), evaluate)
 
 
 def rm_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: list[dict]) -> Phase:
     """Bradley–Terry training of a scalar head on the policy's backbone."""
     key = jax.random.fold_in(stream_key(config.seed, INIT), 1)
-    params = init_scalar_params_from_lm(own_copy(policy.params), key, policy.config)
+    trained, frozen = scalar_parts(policy.params, policy.config, key)
     step = make_rm_step(policy.config, config.rm, config.train.grad_accum)
     evaluate_pairs = jax.jit(make_rm_eval(policy.config))
     tokenizer = policy.tokenizer
@@ -85,10 +91,11 @@ def rm_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: li
         return pair_batch(tokenizer, step_rows(train_set, config.data.batch_size, s, config), config), {}
 
     def evaluate(state):
-        out = evaluate_pairs(state.params, pair_batch(tokenizer, eval_set, config))
+        out = evaluate_pairs(state.model_params(), pair_batch(tokenizer, eval_set, config))
         return {"eval/accuracy": out["accuracy"], "eval/margin": out["margin"], "eval/loss": out["loss"]}
 
-    return Phase(TrainState.create(params, optimizer(config)), step, make_batch, lambda st: st.params, evaluate)
+    state = TrainState.create(trained, optimizer(config), frozen)
+    return Phase(state, step, make_batch, lambda st: st.model_params(), evaluate)
 
 
 def dpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: list[dict]) -> Phase:
@@ -107,11 +114,11 @@ def dpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
     eval_jit = jax.jit(eval_metrics)
 
     def evaluate(state):
-        return eval_jit(state.policy.params, state.ref_params, pair_batch(tokenizer, eval_set, config))
+        ref = reference_of(state.ref_params, state.policy)
+        return eval_jit(state.policy.model_params(), ref, pair_batch(tokenizer, eval_set, config))
 
-    policy_state = TrainState.create(policy.params, optimizer(config))
-    state = DPOState(policy=policy_state, ref_params=reference_params(config, policy))
-    return Phase(state, step, make_batch, lambda st: st.policy.params, evaluate)
+    state = DPOState(policy=policy_state(config, policy), ref_params=reference_params(config, policy))
+    return Phase(state, step, make_batch, lambda st: st.policy.model_params(), evaluate)
 
 
 def grpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: list[dict]) -> Phase:
@@ -121,10 +128,11 @@ def grpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: 
     step = make_grpo_step(policy.config, g, config.train.grad_accum, config.data.max_completion_len)
     reward = reward_function(config, policy, g.reward_functions, g.reward_weights)
     rollouts = Rollouts(config, policy, train_set, g.group_size, reward, dynamic=g.dynamic_sampling)
-    state = GRPOState(policy=TrainState.create(policy.params, optimizer(config)), ref_params=ref)
+    state = GRPOState(policy=policy_state(config, policy), ref_params=ref)
     return Phase(
-        state, step, lambda st, s: rollouts.batch(st.policy.params, s), lambda st: st.policy.params,
-        lambda st: rollouts.evaluate(st.policy.params, eval_set),
+        state, step, lambda st, s: rollouts.batch(lora.for_generation(st.policy.model_params(), policy.config), s),
+        lambda st: st.policy.model_params(),
+        lambda st: rollouts.evaluate(lora.for_generation(st.policy.model_params(), policy.config), eval_set),
     )
 
 
@@ -132,12 +140,20 @@ def ppo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
     """PPO with actor, critic, frozen reference and frozen reward model (seed design)."""
     key = jax.random.fold_in(stream_key(config.seed, INIT), 3)
     reward_model, rm_reward = reward_model_reward(config, policy)
+    actor = policy_state(config, policy)
     if config.model.critic_path:
         critic = load_scalar(config, config.model.critic_path, key)
-        critic_config, critic_params = critic.config, critic.params
+        critic_config = critic.config.replace(lora=policy.config.lora)
+        critic_trained, critic_frozen = critic.params, None
+        if critic_config.lora is not None:  # the critic's own trunk under adapters, its head trained
+            adapters = lora.init_adapters(critic_config, jax.random.fold_in(key, 1))
+            critic_trained = {"model": adapters, "head": critic.params["head"]}
+            critic_frozen = {"model": critic.params["model"]}
     else:
         critic_config = policy.config
-        critic_params = init_scalar_params_from_lm(own_copy(policy.params), key, policy.config)
+        critic_trained, critic_frozen = scalar_parts(
+            actor.params if actor.frozen is None else actor.frozen, policy.config, key
+        )
     step = make_ppo_step(
         policy.config, config.ppo, config.train.grad_accum, critic_config=critic_config,
         reward_config=reward_model.config,
@@ -145,13 +161,13 @@ def ppo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
     rollouts = Rollouts(config, policy, train_set, 1, None)
     names, weights = evaluation_rewards(config, train_set[0])
     evaluator = Rollouts(config, policy, train_set, 1, reward_function(config, policy, names, weights, rm_reward))
-    actor = TrainState.create(policy.params, optimizer(config))
-    critic_state = TrainState.create(critic_params, optimizer(config, lr=config.optim.critic_lr))
+    critic_state = TrainState.create(critic_trained, optimizer(config, lr=config.optim.critic_lr), critic_frozen)
     state = PPOState.create(
         actor, critic_state, reference_params(config, policy), own_copy(reward_model.params), config.ppo.kl_coef
     )
     return Phase(
-        state, step, lambda st, s: rollouts.batch(st.actor.params, s), lambda st: st.actor.params,
-        lambda st: evaluator.evaluate(st.actor.params, eval_set),
+        state, step, lambda st, s: rollouts.batch(lora.for_generation(st.actor.model_params(), policy.config), s),
+        lambda st: st.actor.model_params(),
+        lambda st: evaluator.evaluate(lora.for_generation(st.actor.model_params(), policy.config), eval_set),
         (policy.config, critic_config, reward_model.config),
     )

@@ -24,7 +24,8 @@ from jaxrl_llm.state import learning_rate_schedule
 # What sets the models a run starts from or the shape of its train state: the checkpoint continues
 # from its own, so a change here could not take effect.
 START_ONLY = ("algorithm", "model.source", "model.tiny.", "model.ref_path", "model.reward_model_path",
-              "model.critic_path", "model.param_dtype")
+              "model.critic_path", "model.param_dtype", "model.lora.rank", "model.lora.targets",
+              "model.lora.quantize", "model.lora.init_from")
 # What a resumed run may change without changing what it computes (besides how long it runs).
 RESUMABLE = ("run_dir", "mesh.", "train.total_steps", "train.resume", "train.eval_every", "train.log_every",
              "train.checkpoint_every", "train.keep_checkpoints", "train.tensorboard", "train.export_hf",
