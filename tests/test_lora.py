@@ -365,3 +365,28 @@ def test_a_run_starts_from_a_saved_adapter_and_eval_takes_one(tmp_path):
     from_run = evaluate(config, str(tmp_path / "a"), samples=1)
     assert with_adapter["eval/reward"] == from_run["eval/reward"]
     assert with_adapter["samples"] == from_run["samples"]
+
+
+def test_the_7b_gpu_preset_validates_and_its_train_state_fits_one_80gb_card():
+    """configs/qwen2_5_7b_grpo_lora_gpu.yaml, sized with Qwen2.5-7B's architecture (no download)."""
+    from jaxrl_llm.run.registry import check
+    from jaxrl_llm.state import make_optimizer
+
+    config = check(load_config(os.path.join(os.path.dirname(__file__), "..", "configs",
+                                            "qwen2_5_7b_grpo_lora_gpu.yaml")), 32768)
+    section = config.model.lora
+    qwen = ModelConfig(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+        head_dim=128, model_type="qwen2", attention_bias=True, dtype=config.model.dtype,
+        param_dtype=config.model.param_dtype, lora=LoraConfig(section.rank, section.alpha),
+    )
+
+    def state():
+        base = lora.quantize_base(init_params(qwen.replace(lora=None), jax.random.key(0)), section.quantize)
+        return TrainState.create(lora.init_adapters(qwen, jax.random.key(1)), make_optimizer(1e-5, 10), base)
+
+    abstract = jax.eval_shape(state)
+    trained_gb = (lora.bytes_of(abstract.params) + lora.bytes_of(abstract.opt_state)) / 1e9
+    base_gb = lora.bytes_of(abstract.frozen) / 1e9
+    assert 80e6 < lora.count_params(abstract.params) < 82e6  # rank 32 on the 7 projections of 28 layers
+    assert trained_gb < 1.1 and base_gb < 12, (trained_gb, base_gb)
