@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ sits beside tests/
 
 
-@pytest.mark.parametrize("name", ["forward", "generate", "train_step", "grpo_iteration", "__main__"])
+@pytest.mark.parametrize("name", ["forward", "generate", "train_step", "grpo_iteration", "lora", "__main__"])
 def test_benchmark_modules_import(name):
     module = importlib.import_module(f"benchmarks.{name}")
     assert callable(getattr(module, "measure", None) or module.main)
@@ -23,6 +23,14 @@ def test_train_step_smoke_agrees_with_torch():
     args = train_step.parse_args(["--smoke", "--repeats", "1"])
     result = train_step.measure(args)  # exits when the two steps' losses differ by more than 1e-4
     assert result.work == 2 * 32 and result.unit == "tok/s" and result.ours_s > 0 and result.baseline_s > 0
+
+
+def test_lora_smoke_agrees_with_peft():
+    from benchmarks import lora
+
+    args = lora.parse_args(["--smoke", "--repeats", "1", "--no-grpo"])
+    result = lora.measure(args)  # exits when our LoRA step's loss and PEFT's differ by more than 1e-4
+    assert result.ours_s > 0 and result.baseline_s > 0
 
 
 def test_runner_replaces_only_its_section(tmp_path):

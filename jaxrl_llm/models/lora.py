@@ -158,15 +158,6 @@ def merge_jit(params: Tree, config: ModelConfig) -> Tree:
     return merge(params, config)
 
 
-def for_generation(params: Tree, config: ModelConfig) -> Tree:
-    """The params a sampler decodes with: adapters merged into an unquantised base once per rollout
-    (faster than applying them at every decoding step: benchmarks/lora.py), else as they are (a
-    quantised base stays quantised; merging would hold it in full precision)."""
-    if config.lora is None or is_quantized(params) or not split(params)[1]:
-        return params
-    return merge_jit(params, config)
-
-
 def quantize_base(params: Tree, kind: str | None) -> Tree:
     """The params with every projection kernel quantised to `kind` ("int8" or "nf4"; None: as they are).
     Embeddings, norms, biases and the LM head stay in full precision, as in QLoRA."""

@@ -78,8 +78,7 @@ def evaluate(
     else:
         names, weights = evaluation_rewards(config, eval_set[0])
     rollouts = Rollouts(config, policy, eval_set, 1, reward_function(config, policy, names, weights))
-    metrics, answers = rollouts.evaluate_answers(lora.for_generation(policy.params, policy.config), eval_set,
-                                                 temperature, n)
+    metrics, answers = rollouts.evaluate_answers(policy.params, eval_set, temperature, n)
     answers = answers[:: n if temperature > 0 else 1]  # one answer per prompt to show
     shown = [
         {"prompt": example["prompt"] if isinstance(example["prompt"], str) else example["prompt"][-1]["content"],

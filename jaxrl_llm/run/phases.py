@@ -130,9 +130,9 @@ def grpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: 
     rollouts = Rollouts(config, policy, train_set, g.group_size, reward, dynamic=g.dynamic_sampling)
     state = GRPOState(policy=policy_state(config, policy), ref_params=ref)
     return Phase(
-        state, step, lambda st, s: rollouts.batch(lora.for_generation(st.policy.model_params(), policy.config), s),
+        state, step, lambda st, s: rollouts.batch(st.policy.model_params(), s),
         lambda st: st.policy.model_params(),
-        lambda st: rollouts.evaluate(lora.for_generation(st.policy.model_params(), policy.config), eval_set),
+        lambda st: rollouts.evaluate(st.policy.model_params(), eval_set),
     )
 
 
@@ -166,8 +166,8 @@ def ppo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
         actor, critic_state, reference_params(config, policy), own_copy(reward_model.params), config.ppo.kl_coef
     )
     return Phase(
-        state, step, lambda st, s: rollouts.batch(lora.for_generation(st.actor.model_params(), policy.config), s),
+        state, step, lambda st, s: rollouts.batch(st.actor.model_params(), s),
         lambda st: st.actor.model_params(),
-        lambda st: evaluator.evaluate(lora.for_generation(st.actor.model_params(), policy.config), eval_set),
+        lambda st: evaluator.evaluate(st.actor.model_params(), eval_set),
         (policy.config, critic_config, reward_model.config),
     )
