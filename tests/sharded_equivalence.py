@@ -101,9 +101,11 @@ def max_diff(a, b):
                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), default=0.0)
 
 
-def main(export_dir):
+def main(export_dir, lora=False):
     one = sharding.single_device_mesh()
     for name, (state, step, batches) in cases().items():
+        if name.endswith("_lora") != lora:
+            continue
         state = jax.device_get(state)
         want_state, want_metrics, _ = run_steps(state, step, batches, one)
         for shape in MESHES:
@@ -162,4 +164,4 @@ if __name__ == "__main__":
         row = run_loop(folder, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
         print(json.dumps({"case": "loop", "metrics": row}), flush=True)
     else:
-        main(folder)
+        main(folder, lora=sys.argv[3:] == ["lora"])
