@@ -110,8 +110,8 @@ def eight_devices(tmp_path_factory):
 
 
 # The LoRA cases of sharded_equivalence.py ("sft_lora", "grpo_lora", "ppo_lora") passed on every mesh
-# (state <= 8e-5, metrics <= 1.3e-6) but the process hung in an XLA CPU all-gather inside the GRPO
-# update scan in two of four runs on this 2-core machine; they run by hand until that is understood:
+# (state <= 8e-5, metrics <= 1.3e-6) but the process hung in an XLA CPU all-gather (in sft_lora once,
+# in grpo_lora once) in two of four runs on a loaded 2-core machine; they run by hand until that is understood:
 #   python tests/sharded_equivalence.py steps OUT_DIR lora
 @pytest.mark.parametrize("case", ["sft", "dpo", "grpo", "ppo"])
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
