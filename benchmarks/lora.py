@@ -54,7 +54,7 @@ from benchmarks.common import (
     time_interleaved,
     write_result,
 )
-from benchmarks.train_step import HYPER, footprint, load_ours, load_torch, make_batch
+from benchmarks.train_step import HYPER, footprint, load_ours, load_torch, make_batch, torch_step
 
 RANK, ALPHA = 16, 32.0
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -183,34 +183,8 @@ def peft_model(args, source, config, adapters):
 
 
 def peft_step(model, batch: dict, args, log: list[float], memo: dict):
-    """fn() -> loss: forward with labels (masked next-token cross entropy), backward, clipping and
-    torch.optim.AdamW over the trainable params only, as `train_step.torch_step` does for all of them."""
-    import torch
-
-    h, device = HYPER, args.device
-    as_long = lambda x: torch.as_tensor(x, dtype=torch.long, device=device)
-    inputs = dict(
-        input_ids=as_long(batch["tokens"]),
-        attention_mask=as_long(batch["mask"]),
-        position_ids=as_long(np.maximum(np.cumsum(batch["mask"], -1) - 1, 0)),
-        labels=as_long(np.where(batch["completion_mask"] == 1, batch["tokens"], -100)),
-    )
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"],
-                                  weight_decay=h["weight_decay"])
-    memo.update(model=model, optimizer=optimizer, trainable=trainable)
-
-    def call() -> float:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-            loss = model(**inputs).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, h["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    return timed(call, log)
+    """fn() -> loss: `train_step.torch_step` on a PEFT model (AdamW over its adapters), timed into `log`."""
+    return timed(torch_step(model, batch, args, memo), log)
 
 
 def peft_state_bytes(memo: dict) -> dict[str, int]:

@@ -125,8 +125,10 @@ def ours_step(config, params, batch: dict):
     return call, compile_s
 
 
-def torch_step(model, batch: dict, args: argparse.Namespace):
-    """fn() -> loss: transformers' forward with labels, backward, clipping and torch.optim.AdamW."""
+def torch_step(model, batch: dict, args: argparse.Namespace, memo: dict | None = None):
+    """fn() -> loss: transformers' forward with labels, backward, clipping and torch.optim.AdamW over
+    the params that require grad (all of them, or a PEFT model's adapters); `memo` gets the model,
+    optimizer and those params."""
     import torch
 
     h = HYPER
@@ -139,15 +141,18 @@ def torch_step(model, batch: dict, args: argparse.Namespace):
         labels=as_long(np.where(batch["completion_mask"] == 1, batch["tokens"], -100)),
     )
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"], weight_decay=h["weight_decay"]
+        trainable, lr=h["lr"], betas=(h["b1"], h["b2"]), eps=h["eps"], weight_decay=h["weight_decay"]
     )
+    if memo is not None:
+        memo.update(model=model, optimizer=optimizer, trainable=trainable)
 
     def call() -> float:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
             loss = model(**inputs).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), h["grad_clip"])
+        torch.nn.utils.clip_grad_norm_(trainable, h["grad_clip"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())  # float() waits for the device
