@@ -38,11 +38,6 @@ def is_adapter(path: tuple[str, ...]) -> bool:
     return bool(path) and path[-1] in ADAPTER_NAMES
 
 
-def is_head_or_adapter(path: tuple[str, ...]) -> bool:
-    """What a LoRA run trains of a scalar model: the adapters of its trunk and its whole head."""
-    return is_adapter(path) or path[:1] == ("head",)
-
-
 def partition(tree: Tree, trained: Callable[[tuple[str, ...]], bool], path: tuple[str, ...] = ()) -> tuple[Tree, Tree]:
     """(frozen, trained) subtrees of a nested dict by each leaf's path; empty dicts are dropped."""
     frozen, kept = {}, {}
