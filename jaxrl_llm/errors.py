@@ -55,3 +55,7 @@ class TrainingError(JaxrlError, RuntimeError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM (sent by SLURM, Kubernetes, TPU preemption): the run stopped like Ctrl-C, its last
     finished step saved."""
+
+
+class EnvError(JaxrlError, RuntimeError):
+    """An environment of a multi-turn rollout that fails outside its tools."""

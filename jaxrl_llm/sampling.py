@@ -310,3 +310,110 @@ def generate(params, prompts, key, config: SamplingConfig, model_config: ModelCo
 def compiled_variants() -> int:
     """How many shapes/configs the jitted generation core has been compiled for in this process."""
     return _generate._cache_size()
+
+
+# Multi-turn generation: a conversation's turns are sampled one after another into one KV cache per
+# row, so each turn extends the cache with its new tokens instead of prefilling the whole history.
+
+
+@flax.struct.dataclass
+class TurnCache:
+    """The KV caches of R conversations: row r's tokens fill slots [0, fill_R[r]) of its cache in
+    order, with no padding between turns, so a token's slot is also its position."""
+
+    caches: list[Cache]
+    fill_R: jax.Array
+
+
+@flax.struct.dataclass
+class Turn:
+    """One sampled turn per row: tokens_RxN, their log-probs (as `Completions.logp_RxN`), how many
+    (lengths_R, 0 for a row that had nothing to extend), and whether a stop token ended it."""
+
+    tokens_RxN: jax.Array
+    logp_RxN: jax.Array
+    lengths_R: jax.Array
+    stopped_R: jax.Array
+
+
+def init_turn_cache(model_config: ModelConfig, rows: int, cache_len: int, cache_dtype: str | None = None) -> TurnCache:
+    """Empty caches of `cache_len` slots for `rows` conversations."""
+    cache = init_cache(model_config, rows, cache_len, cache_dtype)
+    caches = [jax.tree.map(operator.itemgetter(i), cache) for i in range(model_config.num_layers)]
+    return TurnCache(caches=caches, fill_R=jnp.zeros((rows,), jnp.int32))
+
+
+@jax.jit(static_argnames=("config", "model_config", "mesh"))
+def _sample_turn(params, turns: TurnCache, block_RxD, block_len_R, limit_R, key, config: SamplingConfig,
+                 model_config: ModelConfig, mesh=None):
+    if mesh is None:
+        return _extend_and_decode(params, turns, block_RxD, block_len_R, limit_R, key, config, model_config)
+    with sharding.mesh_context(mesh):
+        return _extend_and_decode(params, turns, block_RxD, block_len_R, limit_R, key, config, model_config)
+
+
+def _extend_and_decode(params, turns: TurnCache, block_RxD, block_len_R, limit_R, key, config, model_config):
+    """Write each row's block at its fill, then decode until every row stopped or hit its limit."""
+    N, (R, D), S = config.max_new_tokens, block_RxD.shape, turns.caches[0]["k"].shape[1]
+    layers = unstack_layers(params, model_config)
+    slot_S = jnp.arange(S)
+    fill_R = turns.fill_R
+    hidden_RxDxE, caches = decode_step(
+        params, layers, block_RxD, fill_R[:, None] + jnp.arange(D), slot_S < (fill_R + block_len_R)[:, None],
+        turns.caches, fill_R, model_config,
+    )
+    last_R = jnp.maximum(block_len_R - 1, 0)
+    logits_RxV = lm_logits(params, jnp.take_along_axis(hidden_RxDxE, last_R[:, None, None], axis=1)[:, 0], model_config)
+    fill_R = fill_R + block_len_R
+    row_keys_R = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(R))
+    stops = jnp.asarray(config.stop_token_ids, jnp.int32)
+    limit_R = jnp.where(block_len_R > 0, jnp.minimum(limit_R, N), 0)
+
+    def emit(state: _DecodeState, logits_RxV):
+        state = _emit(state, logits_RxV, row_keys_R, stops, config)
+        return state.replace(done_R=state.done_R | (state.length_R >= limit_R))
+
+    state = _DecodeState(
+        t=jnp.int32(0), token_R=jnp.zeros((R,), jnp.int32), done_R=limit_R == 0,
+        length_R=jnp.zeros((R,), jnp.int32), tokens_RxN=jnp.full((R, N), config.pad_token_id, jnp.int32),
+        logp_RxN=jnp.zeros((R, N), jnp.float32), caches=caches,
+    )
+    state = emit(state, logits_RxV)
+
+    def step(state: _DecodeState) -> _DecodeState:
+        # The token sampled at step t-1 goes to slot (and position) fill + t - 1 of its row.
+        slot_R = fill_R + state.t - 1
+        hidden_Rx1xD, caches = decode_step(
+            params, layers, state.token_R[:, None], slot_R[:, None], slot_S <= slot_R[:, None],
+            state.caches, slot_R, model_config,
+        )
+        logits_RxV = lm_logits(params, hidden_Rx1xD[:, 0], model_config)
+        return emit(state.replace(caches=caches), logits_RxV)
+
+    state = jax.lax.while_loop(lambda s: (s.t < N) & ~jnp.all(s.done_R), step, state)
+    # A turn's last token is not in the cache yet: it opens the next block.
+    last_R = state.tokens_RxN[jnp.arange(R), jnp.maximum(state.length_R - 1, 0)]
+    stopped_R = (state.length_R > 0) & jnp.isin(last_R, stops)
+    turn = Turn(tokens_RxN=state.tokens_RxN, logp_RxN=state.logp_RxN, lengths_R=state.length_R, stopped_R=stopped_R)
+    return TurnCache(caches=state.caches, fill_R=fill_R + jnp.maximum(state.length_R - 1, 0)), turn
+
+
+def sample_turn(params, turns: TurnCache, blocks: list[list[int]], limits, key, config: SamplingConfig,
+                model_config: ModelConfig, mesh=None) -> tuple[TurnCache, Turn]:
+    """Extend each row's cache with its block of tokens (the prompt, or what came since its last
+    turn, led by that turn's last token), then sample one turn of at most min(limit, N) tokens.
+
+    A row whose block is empty samples nothing. Row r draws as `generate`'s row r with the same
+    key, so a first turn equals `generate` over the same prompts. The block is padded on the right
+    to a bucket; a row's real tokens must fit its cache (the caller's budget).
+    """
+    block_len_R = np.array([len(b) for b in blocks], np.int32)
+    block_RxD, _ = pad_bucketed([list(b) or [config.pad_token_id] for b in blocks], config.bucketing,
+                                config.pad_token_id, left=False)
+    S = turns.caches[0]["k"].shape[1]
+    if int(np.max(np.asarray(turns.fill_R) + block_len_R + np.minimum(limits, config.max_new_tokens))) > S:
+        raise ValueError(f"sample_turn: a row's tokens would pass its cache of {S} slots; budget the turns.")
+    arrays = (jnp.asarray(block_RxD, jnp.int32), jnp.asarray(block_len_R), jnp.asarray(limits, jnp.int32))
+    if mesh is not None:
+        arrays = sharding.place_batch(arrays, mesh)
+    return _sample_turn(params, turns, *arrays, key, config, model_config, mesh)

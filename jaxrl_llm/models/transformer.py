@@ -177,13 +177,16 @@ def apply_rope(x_BxTxNxE: jax.Array, cos_BxTxE: jax.Array, sin_BxTxE: jax.Array)
 def attention_mask(
     kv_mask_BxS: jax.Array, cache_index: jax.Array | int, num_queries: int, sliding_window: int | None
 ) -> jax.Array:
-    """Boolean [B,T,S]: key slot valid, not after the query slot, inside the window."""
-    query_slot_T = cache_index + jnp.arange(num_queries)
+    """Boolean [B,T,S]: key slot valid, not after the query slot, inside the window.
+
+    `cache_index` is one slot for every row, or one per row ([B]: rows of a multi-turn rollout
+    fill their caches at their own pace)."""
+    query_slot_1xT = jnp.atleast_2d(jnp.asarray(cache_index)[..., None] + jnp.arange(num_queries))
     key_slot_S = jnp.arange(kv_mask_BxS.shape[1])
-    visible_TxS = key_slot_S[None, :] <= query_slot_T[:, None]
+    visible_1xTxS = key_slot_S <= query_slot_1xT[..., None]
     if sliding_window is not None:
-        visible_TxS &= query_slot_T[:, None] - key_slot_S[None, :] < sliding_window
-    return visible_TxS[None] & kv_mask_BxS[:, None, :].astype(bool)
+        visible_1xTxS &= query_slot_1xT[..., None] - key_slot_S < sliding_window
+    return visible_1xTxS & kv_mask_BxS[:, None, :].astype(bool)
 
 
 def layer_inputs(positions_BxT, kv_mask_BxS, cache_index, num_queries: int, config: "ModelConfig"):
@@ -321,6 +324,17 @@ def _attend_cudnn(q_BxTxHxE, k_BxTxKxE, v_BxTxKxE, mask_BxTxT):
     )
 
 
+def write_cache(cache_BxSxKxE, new_BxTxKxE, cache_index) -> jax.Array:
+    """The T new keys (or values) written at slot `cache_index` onward: one slot for all rows, or one
+    per row ([B]), where slots past S are dropped rather than shifting the write back."""
+    new_BxTxKxE = new_BxTxKxE.astype(cache_BxSxKxE.dtype)
+    if jnp.ndim(cache_index) == 0:
+        return jax.lax.dynamic_update_slice(cache_BxSxKxE, new_BxTxKxE, (0, cache_index, 0, 0))
+    slots_BxT = cache_index[:, None] + jnp.arange(new_BxTxKxE.shape[1])
+    rows_Bx1 = jnp.arange(cache_BxSxKxE.shape[0])[:, None]
+    return cache_BxSxKxE.at[rows_Bx1, slots_BxT].set(new_BxTxKxE, mode="drop")
+
+
 class Attention(nn.Module):
     """Grouped-query attention with RoPE, optional qkv bias and q/k norm, and a KV cache."""
 
@@ -355,14 +369,11 @@ class Attention(nn.Module):
         if layer_cache is None:
             k_BxSxKxE, v_BxSxKxE, new_cache = k_BxTxKxE, v_BxTxKxE, None
         else:
-            start = (0, cache_index, 0, 0)
-            k_BxSxKxE = jax.lax.dynamic_update_slice(
-                layer_cache["k"], k_BxTxKxE.astype(layer_cache["k"].dtype), start
-            )
-            v_BxSxKxE = jax.lax.dynamic_update_slice(
-                layer_cache["v"], v_BxTxKxE.astype(layer_cache["v"].dtype), start
-            )
-            new_cache = {"k": k_BxSxKxE, "v": v_BxSxKxE}
+            new_cache = {
+                "k": write_cache(layer_cache["k"], k_BxTxKxE, cache_index),
+                "v": write_cache(layer_cache["v"], v_BxTxKxE, cache_index),
+            }
+            k_BxSxKxE, v_BxSxKxE = new_cache["k"], new_cache["v"]
         kv_axes = ("batch", "length", "kv_heads", "head_dim")
         k_BxSxKxE = nn.with_logical_constraint(k_BxSxKxE, kv_axes)
         v_BxSxKxE = nn.with_logical_constraint(v_BxSxKxE, kv_axes)
