@@ -26,6 +26,7 @@ PROMPT_OVERFLOW = ("error", "truncate", "skip")  # what `fit_prompt` does with a
 TASK_FIELDS = {
     "arithmetic": ("prompt", "completion", "answer"),
     "preference": ("prompt", "chosen", "rejected", "completion", "preference_target"),
+    "multiplication": ("prompt", "completion", "answer", "tool_calls"),
 }
 
 Tokenize = Callable[[str | list], list[int]]
@@ -174,6 +175,20 @@ def arithmetic_task(num_examples: int, seed: int, digits: int = 2, operators=("+
     return examples
 
 
+def multiplication_task(num_examples: int, seed: int) -> list[dict]:
+    """'What is 123 * 45?' (a 3-digit times a 2-digit number), for models with a calculator tool
+    (`env.tools: [calculator]`): `tool_calls` and `completion` are a reference conversation's
+    call and final answer, for an SFT warm start."""
+    rng = np.random.default_rng(seed)
+    a_B, b_B = rng.integers(100, 1000, num_examples), rng.integers(10, 100, num_examples)
+    examples = []
+    for a, b in zip(a_B.tolist(), b_B.tolist()):
+        call = {"name": "calculator", "arguments": {"expression": f"{a} * {b}"}}
+        examples.append({"prompt": f"What is {a} * {b}?", "completion": f"{a} * {b} = {a * b}",
+                         "answer": str(a * b), "tool_calls": [call]})
+    return examples
+
+
 _WORDS = (
     "apple", "banana", "cat", "dog", "sky", "tree", "moon", "sun", "river", "stone", "bird", "cloud", "grass", "rain"
 )
@@ -213,6 +228,8 @@ def _synthetic(data, seed: int) -> list[dict]:
     synthetic = data.synthetic
     if data.task == "arithmetic":
         return arithmetic_task(synthetic.num_examples, seed, synthetic.digits, synthetic.operators)
+    if data.task == "multiplication":
+        return multiplication_task(synthetic.num_examples, seed)
     return preference_task(synthetic.num_examples, seed, synthetic.preference_target)
 
 

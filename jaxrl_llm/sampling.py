@@ -90,6 +90,8 @@ class Completions:
     prompt_tokens_RxP / prompt_mask_RxP: the padded prompts, so prompt + completion can be
     concatenated (with their masks) and rescored with `positions_from_mask`.
     logp_temperature: the temperature logp_RxN is taken at, which a trainer must score at too.
+    sampled_mask_RxN: the tokens the model sampled, when not all of mask_RxN are (multi-turn
+    trajectories hold the environment's tokens too); None: all of them.
     """
 
     tokens_RxN: jax.Array
@@ -100,6 +102,7 @@ class Completions:
     prompt_tokens_RxP: jax.Array
     prompt_mask_RxP: jax.Array
     logp_temperature: float = flax.struct.field(pytree_node=False, default=1.0)
+    sampled_mask_RxN: jax.Array | None = None
 
 
 @flax.struct.dataclass

@@ -133,11 +133,22 @@ def decode(
     ]
 
 
+# The tiny models' chat template: one line per message, each closed by <eos> (printable characters
+# only, which is all the character vocabulary holds), listing the tools it is given by name.
+CHAR_CHAT_TEMPLATE = (
+    "{% if tools %}tools:{% for t in tools %} {{ t['function']['name'] }}{% endfor %};"
+    ' call as <tool_call>[{"name": .., "arguments": {..}}]</tool_call><eos>{% endif %}'
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer over printable ASCII, for the built-in tiny models.
 
     Ids: 0 <pad>, 1 <eos>, 2 <unk>, then the 95 characters from space to '~'. It is a real
-    `PreTrainedTokenizerFast`, so it saves with an exported model and transformers loads it.
+    `PreTrainedTokenizerFast`, so it saves with an exported model and transformers loads it. Its chat
+    template (`CHAR_CHAT_TEMPLATE`) ends each message with <eos>.
     """
     from tokenizers import Tokenizer, decoders, models
 
@@ -146,6 +157,7 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+        chat_template=CHAR_CHAT_TEMPLATE,
     )
     return resolve_special_tokens(tokenizer)

@@ -4,15 +4,15 @@ with every rendered conversation equal to `apply_chat_template` of the whole con
 
 import concurrent.futures
 import copy
-import json
 import threading
 
 import jax
-import numpy as np
 import pytest
 from chat_templates import HERMES, LLAMA3
 
+from jaxrl_llm.config import schema as config_schema
 from jaxrl_llm.envs import (
+    TOOL_FORMATS,
     EpisodeLimits,
     ToolCall,
     ToolEnvironment,
@@ -22,10 +22,9 @@ from jaxrl_llm.envs import (
     start_episodes,
     tool_schema,
 )
-from jaxrl_llm.envs.episodes import DONE, TOKEN_LIMIT, TURN_LIMIT, episode_metrics
-from jaxrl_llm.envs.tools import detect_format
+from jaxrl_llm.envs.episodes import DONE, TOKEN_LIMIT, TURN_LIMIT, ReplaySampler, episode_metrics
+from jaxrl_llm.envs.tools import detect_format, format_tool_calls, lists_tools
 from jaxrl_llm.errors import ConfigError, EnvError
-from jaxrl_llm.sampling import Turn
 from jaxrl_llm.tokenizer import load_tokenizer
 
 RELEASE = threading.Event()  # set at teardown, so the hanging tool's thread ends
@@ -85,13 +84,7 @@ def tokenizers(smollm2_gguf):
 
 
 def call_text(tool_format: str, calls: list[dict]) -> str:
-    """A reply making `calls` in the family's format."""
-    if tool_format == "hermes":
-        return "".join(f"<tool_call>\n{json.dumps(c)}\n</tool_call>" for c in calls)
-    if tool_format == "llama3_json":
-        (c,) = calls
-        return json.dumps({"name": c["name"], "parameters": c["arguments"]})
-    return f"<tool_call>{json.dumps(calls)}</tool_call>"
+    return format_tool_calls(calls, tool_format)
 
 
 @pytest.mark.parametrize("tool_format", ["hermes", "chatml_json"])
@@ -120,6 +113,7 @@ def test_llama3_json_format():
 
 
 def test_formats_are_detected_from_the_template_and_others_refused(tokenizers):
+    assert config_schema.TOOL_FORMATS == ("auto", *TOOL_FORMATS)
     for tool_format, (tokenizer, _) in tokenizers.items():
         assert detect_format(tokenizer.chat_template) == tool_format
     with pytest.raises(ConfigError, match="env.tool_format"):
@@ -152,40 +146,12 @@ def test_runner_turns_every_failure_into_a_message(runner):
     assert "unexpected keyword argument 'c'" in results[5].content
 
 
-class ScriptedSampler:
-    """A fake policy: row r's turn k is `replies[r][k]` tokenized, then the stop token, cut at the
-    row's limit; it checks that each block starts with its previous turn's last token."""
-
-    def __init__(self, tokenizer, stop_text: str, replies: list[list[str]]):
-        self.tokenizer, self.replies = tokenizer, replies
-        self.stop = tokenizer.convert_tokens_to_ids(stop_text)
-        self.turn = [0] * len(replies)
-        self.last = [None] * len(replies)
-        self.blocks = []
-
-    def __call__(self, blocks, limits, key):
-        self.blocks.append(blocks)
-        N = 64
-        tokens, lengths, stopped = np.zeros((len(blocks), N), np.int32), np.zeros(len(blocks), np.int32), []
-        for r, (block, limit) in enumerate(zip(blocks, limits)):
-            if not block:
-                stopped.append(False)
-                continue
-            assert self.last[r] is None or block[0] == self.last[r]
-            ids = self.tokenizer.encode(self.replies[r][self.turn[r]], add_special_tokens=False) + [self.stop]
-            ids = ids[:min(limit, N)]
-            tokens[r, :len(ids)], lengths[r] = ids, len(ids)
-            stopped.append(ids[-1] == self.stop)
-            self.turn[r] += 1
-            self.last[r] = ids[-1]
-        return Turn(tokens, np.full((len(blocks), N), -0.5, np.float32), lengths, np.array(stopped))
-
-
 def play(tokenizer, stop_text, tool_format, runner, replies, limits, prompts=None):
     tools = {"multiply": multiply, "fails": fails, "hangs": hangs}
     examples = [{"prompt": p} for p in (prompts or ["What is 123 * 45?"] * len(replies))]
-    episodes = start_episodes(examples, lambda: ToolEnvironment(tools, runner, tool_format), tokenizer, limits)
-    sampler = ScriptedSampler(tokenizer, stop_text, replies)
+    lists = lists_tools(tokenizer.chat_template)
+    episodes = start_episodes(examples, lambda: ToolEnvironment(tools, runner, tool_format, lists), tokenizer, limits)
+    sampler = ReplaySampler(tokenizer, replies, tokenizer.convert_tokens_to_ids(stop_text), max_new_tokens=64)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         return run_episodes(sampler, episodes, tokenizer, limits, jax.random.key(0), pool), sampler
 
@@ -220,7 +186,6 @@ def test_trajectory_tokens_equal_the_template_of_the_whole_conversation(tokenize
         expected = [t for text in reply for t in tokenizer.encode(text, add_special_tokens=False)
                     + [tokenizer.convert_tokens_to_ids(stop_text)]]
         assert sampled == expected
-        assert episode.logps == [-0.5 if s else 0.0 for s in episode.sampled]
     tool_contents = [m["content"] for m in episodes[1].messages if m["role"] in ("tool", "ipython")]
     assert tool_contents == ["error: fails raised RuntimeError: no it", "error: hangs timed out after 0.5 s"]
     assert [m["content"] for m in episodes[0].messages if m["role"] in ("tool", "ipython")] == ["5535"]
@@ -265,5 +230,5 @@ def test_prompt_over_budget_and_failing_environment_are_named(tokenizers, runner
     limits = EpisodeLimits(2, 50, 200)
     episodes = start_episodes([{}], Broken, tokenizer, limits)
     with concurrent.futures.ThreadPoolExecutor(1) as pool, pytest.raises(EnvError, match="Broken.step raised KeyError"):
-        sampler = ScriptedSampler(tokenizer, stop_text, [["a"]])
+        sampler = ReplaySampler(tokenizer, [["a"]], tokenizer.convert_tokens_to_ids(stop_text))
         run_episodes(sampler, episodes, tokenizer, limits, jax.random.key(0), pool)

@@ -1,4 +1,4 @@
-"""Imports point one way: core ← models ← sampling / sharding ← algorithms ← run ← command lines,
+"""Imports point one way: core ← models ← sampling / sharding ← algorithms / envs ← run ← command lines,
 with no cycles and no import inside a function to dodge one (as test_model_import.py guards torch)."""
 
 import ast
@@ -12,7 +12,7 @@ LAYERS = (
     ("data",),
     ("config",),
     ("sampling", "sharding"),
-    ("algorithms",),
+    ("algorithms", "envs"),
     ("run",),
     ("cli", "eval", "plot", "__init__"),
 )

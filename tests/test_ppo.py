@@ -58,7 +58,8 @@ def test_rollout_rewards_gae_and_returns_match_numpy(models):
     _, score = common.scalar_scores(reward_params, CONFIG, batch.tokens_RxT, batch.mask_RxT)
     values = np.zeros(m.shape)
     values[:, 1:] = np.asarray(values_all, np.float64)[:, :-1]
-    score = np.asarray(score, np.float64) - 0.5 * batch.truncated_R
+    # The reward model's score plus the batch's host rewards (an environment's; zeros for single answers).
+    score = np.asarray(score, np.float64) + np.asarray(batch.rewards_R, np.float64) - 0.5 * batch.truncated_R
     rewards = -0.1 * kl
     for r in range(len(m)):
         rewards[r, np.flatnonzero(m[r])[-1]] += score[r]

@@ -62,14 +62,16 @@ class RolloutBatch:
     @classmethod
     def from_completions(cls, completions: Completions, rewards_R: jax.Array | None = None) -> "RolloutBatch":
         """The batch of a sampler output; `rewards_R` None (zeros) when the step scores the answers
-        itself, as PPO's reward model does."""
+        itself, as PPO's reward model does. The loss sees the sampled tokens only (a multi-turn
+        trajectory's environment turns are context)."""
         c = completions
-        completion_mask_RxN = jnp.asarray(c.mask_RxN, jnp.int32)
+        completion_mask_RxN = jnp.asarray(c.mask_RxN if c.sampled_mask_RxN is None else c.sampled_mask_RxN, jnp.int32)
+        mask_RxN = jnp.asarray(c.mask_RxN, jnp.int32)
         prompt_mask_RxP = jnp.asarray(c.prompt_mask_RxP, jnp.int32)
         R = completion_mask_RxN.shape[0]
         return cls(
             tokens_RxT=jnp.concatenate([jnp.asarray(c.prompt_tokens_RxP), jnp.asarray(c.tokens_RxN)], axis=1),
-            mask_RxT=jnp.concatenate([prompt_mask_RxP, completion_mask_RxN], axis=1),
+            mask_RxT=jnp.concatenate([prompt_mask_RxP, mask_RxN], axis=1),
             completion_mask_RxT=jnp.concatenate([jnp.zeros_like(prompt_mask_RxP), completion_mask_RxN], axis=1),
             prompt_mask_RxP=prompt_mask_RxP,
             rewards_R=jnp.zeros((R,), jnp.float32) if rewards_R is None else jnp.asarray(rewards_R, jnp.float32),

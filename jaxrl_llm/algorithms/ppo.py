@@ -60,7 +60,7 @@ class PPOState(struct.PyTreeNode):
     actor: TrainState
     critic: TrainState
     ref_params: Any
-    reward_params: Any  # None: the score is the batch's host-computed `rewards`
+    reward_params: Any  # None: the score is the batch's host-computed `rewards` alone
     kl_coef: jax.Array
 
     @classmethod
@@ -112,10 +112,10 @@ def make_ppo_step(
             )
         else:
             kl_RxT = kl_estimate(old_logp_RxT, ref_logp_RxT, cfg.kl_estimator)
-        if state.reward_params is None:
-            score_R = batch.rewards_R
-        else:
-            _, score_R = scalar_scores(state.reward_params, reward_config, batch.tokens_RxT, batch.mask_RxT)
+        # The host's rewards (an environment's; 0 for single answers), plus the reward model's score.
+        score_R = batch.rewards_R
+        if state.reward_params is not None:
+            score_R = score_R + scalar_scores(state.reward_params, reward_config, batch.tokens_RxT, batch.mask_RxT)[1]
         if cfg.reward_clip is not None:
             score_R = jnp.clip(score_R, -cfg.reward_clip, cfg.reward_clip)
         rewards_RxT = ppo_token_rewards(

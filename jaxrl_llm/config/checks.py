@@ -32,7 +32,7 @@ _POSITIVE = (
     "grpo.overlong_buffer", "ppo.epochs", "ppo.num_minibatches", "ppo.value_clip", "ppo.kl_target",
     "ppo.kl_horizon", "ppo.reward_clip", "dpo.beta", "train.total_steps", "train.grad_accum", "train.log_every",
     "train.keep_checkpoints", "train.sft_warmup_lr", "train.sft_warmup_batch_size", "optim.decay_steps",
-    "model.lora.alpha",
+    "model.lora.alpha", "env.max_turns", "env.max_tokens", "env.tool_timeout", "env.workers",
 )
 _NON_NEGATIVE = (
     "seed", "data.eval_size", "optim.warmup_steps", "optim.weight_decay", "sampling.top_k", "grpo.eps_high",
@@ -120,17 +120,20 @@ def _check_lengths(config: Config, max_positions: int | None) -> None:
     data = config.data
     if max_positions is None and config.model.source == "tiny":
         max_positions = config.model.tiny.max_position_embeddings
-    total = data.max_prompt_len + data.max_completion_len
+    # A multi-turn trajectory's answer is everything after the prompt: env.max_tokens.
+    answer = "env.max_tokens" if config.env.enabled else "data.max_completion_len"
+    answer_len = config.env.max_tokens if config.env.enabled else data.max_completion_len
+    total = data.max_prompt_len + answer_len
     if max_positions is not None and total > max_positions:
         raise ConfigError(
-            f"data.max_prompt_len + data.max_completion_len = {total} exceeds the model's {max_positions} "
+            f"data.max_prompt_len + {answer} = {total} exceeds the model's {max_positions} "
             f"positions; lower them so they sum to at most {max_positions}."
         )
     grpo = config.grpo
-    if grpo.overlong_shaping and grpo.overlong_buffer >= data.max_completion_len:
+    if grpo.overlong_shaping and grpo.overlong_buffer >= answer_len:
         raise ConfigError(
-            f"grpo.overlong_buffer ({grpo.overlong_buffer}) must be below data.max_completion_len "
-            f"({data.max_completion_len}): the penalty ramps over the last overlong_buffer tokens; DAPO uses a fifth."
+            f"grpo.overlong_buffer ({grpo.overlong_buffer}) must be below {answer} ({answer_len}): the "
+            "penalty ramps over the last overlong_buffer tokens; DAPO uses a fifth."
         )
 
 
@@ -178,6 +181,22 @@ def _check_lora(config: Config) -> None:
         )
 
 
+def _check_env(config: Config) -> None:
+    """Multi-turn rollouts: for GRPO, PPO and SFT; tools only with kind tools, and then at least one."""
+    env = config.env
+    if env.enabled and config.algorithm not in ("sft", "grpo", "ppo"):
+        raise ConfigError(
+            f"env.kind={env.kind!r} needs algorithm grpo or ppo (multi-turn rollouts) or sft (reference "
+            f"conversations), not {config.algorithm!r}; set env.kind=none."
+        )
+    if env.kind == "tools" and not env.tools:
+        raise ConfigError("env.kind=tools needs env.tools: built-in names (calculator) or module:function paths.")
+    if env.tools and env.kind != "tools":
+        raise ConfigError(f"env.tools is set but env.kind is {env.kind!r}; set env.kind=tools to use them.")
+    if env.kind not in ("none", "tools") and ":" not in env.kind and "." not in env.kind:
+        raise ConfigError(f"env.kind must be none, tools or an environment class as module:Class, got {env.kind!r}.")
+
+
 def _check_data_source(config: Config) -> None:
     """data.task names a built-in task (with room for a training split), a .jsonl path or hf:<dataset>."""
     data = config.data
@@ -215,6 +234,7 @@ def check_common(config: Config, max_positions: int | None = None) -> None:
     _check_lengths(config, max_positions)
     _check_model(config)
     _check_lora(config)
+    _check_env(config)
     _check_data_source(config)
     _check_policy_loss(config)
 
@@ -296,8 +316,9 @@ def check_rewards(config: Config) -> None:
 
 
 def check_reward_model(config: Config) -> None:
-    """A frozen reward model is set (PPO scores every rollout with it)."""
-    if config.model.reward_model_path is None:
+    """A frozen reward model is set (PPO scores every rollout with it), unless an environment class
+    gives the rewards."""
+    if config.model.reward_model_path is None and config.env.kind in ("none", "tools"):
         raise ConfigError(
             f"model.reward_model_path is required for {config.algorithm}: the frozen reward model scores each "
             "rollout; train one with configs/rm.yaml and set model.reward_model_path to its run."

@@ -87,6 +87,8 @@ def _coerce(tp, value, path: str, expected=None):
     """`value` checked against type hint `tp`: sections built, lists made tuples, ints widened to floats."""
     expected = expected or tp
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(value, str) and hasattr(tp, "SHORTHAND"):
+        value = {tp.SHORTHAND: value}  # env: module:Class
     if dataclasses.is_dataclass(tp) and isinstance(value, dict):
         return _build(tp, value, path + ".")
     if origin in (typing.Union, types.UnionType):

@@ -21,6 +21,7 @@ from jaxrl_llm.state import SCHEDULES
 
 KL_ESTIMATORS = (*losses.KL_KINDS, "full")  # full: the exact KL over the vocabulary
 KL_PLACEMENTS = ("loss", "reward", "none")
+TOOL_FORMATS = ("auto", "hermes", "llama3_json", "chatml_json")  # auto and envs.tools.TOOL_FORMATS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +235,29 @@ class TrainSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnvSection:
+    """Multi-turn rollouts for GRPO and PPO (`jaxrl_llm.envs`); `env: module:Class` is short for
+    `env: {kind: module:Class}`. kind none: one answer per prompt; tools: the model may call `tools`
+    (built-in names such as `calculator`, or module:function) until it answers; module:Class: an
+    environment class, one instance per trajectory."""
+
+    SHORTHAND = "kind"  # the field a plain string sets
+
+    kind: str = "none"
+    tools: tuple[str, ...] = ()
+    max_turns: int = 4  # model turns per trajectory
+    # Tokens after the prompt, the model's and the environment's; a turn is at most data.max_completion_len.
+    max_tokens: int = 512
+    tool_format: Literal[TOOL_FORMATS] = "auto"  # auto: from the chat template (jaxrl_llm.envs.tools)
+    tool_timeout: float = 10.0  # seconds per call
+    workers: int = 32  # threads running environment steps and tool calls
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshSection:
     """Device mesh sizes (-1 takes the remaining devices) and, for multi-host runs, how to reach
     the coordinator (unset: single process, or JAX's auto-detection under SLURM, MPI or a TPU pod)."""
@@ -263,3 +287,4 @@ class Config:
     rm: RMSection = dataclasses.field(default_factory=RMSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    env: EnvSection = dataclasses.field(default_factory=EnvSection)

@@ -32,12 +32,12 @@ class ToolEnvironment:
     gets their results back as tool messages, and the first reply without one ends the trajectory.
     Its reward is the run's reward functions on that last reply (this class gives 0 per step)."""
 
-    def __init__(self, tools: dict[str, Callable], runner: ToolRunner, tool_format: str):
+    def __init__(self, tools: dict[str, Callable], runner: ToolRunner, tool_format: str, template_lists_tools: bool):
         self.runner, self.tool_format = runner, tool_format
         schemas = [tool_schema(fn) for fn in tools.values()]
-        # Templates that list tools themselves get the schemas; ChatML ones get our system prompt.
-        self.tools = None if tool_format == "chatml_json" else schemas
-        self._system = system_prompt(schemas) if tool_format == "chatml_json" else None
+        # A template that renders tools gets the schemas; for one that does not, we write them out.
+        self.tools = schemas if template_lists_tools else None
+        self._system = None if template_lists_tools else system_prompt(schemas, tool_format)
         self.tool_calls = self.tool_errors = 0
 
     def reset(self, example: dict) -> list[dict]:

@@ -79,9 +79,9 @@ def prompt_ids(tokenizer, messages: list[dict], tools) -> list[int]:
 def continuation_ids(
     tokenizer, history: list[dict], new_messages: list[dict], tools, stop_text: str
 ) -> list[int] | None:
-    """Token ids that follow an assistant turn's end-of-turn token (`stop_text`, the last message of
-    `history`) up to the next reply's generation prompt; None when the reply ended in a token the
-    template does not close turns with."""
+    """Token ids that follow an assistant turn's end-of-turn token (`stop_text`; the turn is the last
+    message of `history`) up to the next reply's generation prompt; None when the template does not
+    close the reply with that token (the model stopped on a token of its own)."""
     before = render(tokenizer, history, tools, add_generation_prompt=False)
     after = render(tokenizer, history + new_messages, tools, add_generation_prompt=True)
     if not after.startswith(before):
@@ -89,10 +89,11 @@ def continuation_ids(
             "the chat template renders a conversation differently once messages are appended (it is not "
             "append-only), so turns cannot extend the cache; use a template that keeps earlier turns as they were."
         )
-    end = before.rfind(stop_text)
+    closed_reply = history[-1]["content"] + stop_text
+    end = before.rfind(closed_reply)
     if end < 0:
         return None
-    return tokenizer.encode(before[end + len(stop_text):] + after[len(before):], add_special_tokens=False)
+    return tokenizer.encode(before[end + len(closed_reply):] + after[len(before):], add_special_tokens=False)
 
 
 class TurnSampler:
@@ -108,6 +109,34 @@ class TurnSampler:
             self.params, self.cache, blocks, limits, key, self.sampling, self.model_config, self.mesh
         )
         return jax.device_get(turn)
+
+
+class ReplaySampler:
+    """A policy that says given replies: row r's k-th turn is `replies[r][k]`, tokenized and closed
+    with `stop_id`, cut at the row's limit (log-probs 0). It drives the loop over reference
+    conversations (an SFT warm start on tool use) and scripted tests."""
+
+    def __init__(self, tokenizer, replies: list[list[str]], stop_id: int, max_new_tokens: int | None = None):
+        self.tokenizer, self.replies, self.stop_id = tokenizer, replies, stop_id
+        self.max_new_tokens = max_new_tokens  # a turn's own cap, as `SamplingConfig.max_new_tokens`
+        self.turns = [0] * len(replies)
+
+    def __call__(self, blocks: list[list[int]], limits: list[int], key) -> Turn:
+        ids = [self._next(r) if block else [] for r, block in enumerate(blocks)]
+        ids = [row[:min(limit, self.max_new_tokens or limit)] for row, limit in zip(ids, limits)]
+        N = max(1, *map(len, ids))
+        tokens_RxN = np.zeros((len(ids), N), np.int32)
+        for r, row in enumerate(ids):
+            tokens_RxN[r, :len(row)] = row
+        stopped_R = np.array([bool(row) and row[-1] == self.stop_id for row in ids])
+        lengths_R = np.array([len(row) for row in ids], np.int32)
+        return Turn(tokens_RxN, np.zeros((len(ids), N), np.float32), lengths_R, stopped_R)
+
+    def _next(self, r: int) -> list[int]:
+        replies, k = self.replies[r], self.turns[r]
+        self.turns[r] += 1
+        text = replies[k] if k < len(replies) else ""  # a reference out of replies says nothing more
+        return self.tokenizer.encode(text, add_special_tokens=False) + [self.stop_id]
 
 
 def start_episodes(

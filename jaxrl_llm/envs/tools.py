@@ -7,9 +7,10 @@ Formats (`TOOL_FORMATS`):
 - `llama3_json`: Llama-3.1/3.2/3.3: the whole reply is one `{"name": ..., "parameters": {...}}`
   (optionally after `<|python_tag|>`); the chat template lists the tools, results come back as
   the `ipython` role.
-- `chatml_json`: ChatML templates that take no tools, as SmolLM2's: we list the tools in a system
-  message, and calls are `<tool_call>[{"name": ..., "arguments": {...}}, ...]</tool_call>`
-  (SmolLM2's function-calling format; a single object is read too).
+- `chatml_json`: ChatML templates such as SmolLM2's: calls are
+  `<tool_call>[{"name": ..., "arguments": {...}}, ...]</tool_call>` (SmolLM2's function-calling
+  format; a single object is read too).
+A template that renders no `tools` (SmolLM2's) gets them listed in a system message of ours.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def import_object(path: str, what: str) -> Any:
 def detect_format(chat_template: str | None) -> str:
     """The tool-call format a chat template implies; an error for a template we cannot serve."""
     template = chat_template or ""
+    if "<tool_call>[" in template:  # calls as a JSON list, as SmolLM2's function calling
+        return "chatml_json"
     if "<tool_call>" in template:
         return "hermes"
     if "<|python_tag|>" in template or "ipython" in template:
@@ -117,13 +120,31 @@ def parse_tool_calls(text: str, tool_format: str) -> list[ToolCall]:
     raise ConfigError(f"unknown tool format {tool_format!r}; use one of {TOOL_FORMATS}.")
 
 
-def system_prompt(schemas: list[dict]) -> str:
-    """The system message that lists tools for a template that takes none (`chatml_json`)."""
+def format_tool_calls(calls: list[dict], tool_format: str) -> str:
+    """A reply making `calls` ({"name", "arguments"} each) in the format, as a model trained on it
+    writes them: what a reference conversation of an SFT warm start says."""
+    if tool_format == "hermes":
+        return "\n".join(f"<tool_call>\n{json.dumps(c)}\n</tool_call>" for c in calls)
+    if tool_format == "llama3_json":
+        if len(calls) != 1:
+            raise ConfigError(f"the llama3_json format makes one tool call per reply; a reference has {len(calls)}.")
+        return json.dumps({"name": calls[0]["name"], "parameters": calls[0]["arguments"]})
+    return f"<tool_call>{json.dumps(list(calls))}</tool_call>"
+
+
+def lists_tools(chat_template: str | None) -> bool:
+    """Whether a chat template renders the `tools` it is given (else we list them in a system message)."""
+    return "tools" in (chat_template or "")
+
+
+def system_prompt(schemas: list[dict], tool_format: str) -> str:
+    """The system message that lists tools for a template that renders none (SmolLM2's)."""
     listed = "\n".join(json.dumps(schema["function"]) for schema in schemas)
+    example = format_tool_calls([{"name": "NAME", "arguments": {"ARGUMENT": "VALUE"}}], tool_format)
     return (
         "You can call tools to help answer. The tools, as JSON schemas:\n<tools>\n" + listed + "\n</tools>\n"
-        'To call tools, reply with only <tool_call>[{"name": "tool name", "arguments": {...}}]</tool_call>; '
-        "the results come back in tool messages. When you know the answer, reply without a tool call."
+        f"To call a tool, reply with only {example}; the results come back in tool messages. When you know "
+        "the answer, reply without a tool call."
     )
 
 

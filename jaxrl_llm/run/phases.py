@@ -22,6 +22,7 @@ from jaxrl_llm.algorithms.sft import make_sft_step
 from jaxrl_llm.config import Config
 from jaxrl_llm.core import sft_loss
 from jaxrl_llm.models import lora
+from jaxrl_llm.run import multiturn
 from jaxrl_llm.run.examples import pair_batch, sequence_batch, step_rows
 from jaxrl_llm.run.keys import INIT, stream_key
 from jaxrl_llm.run.policy import Policy, load_scalar, lora_parts, own_copy, reference_params, scalar_parts
@@ -66,15 +67,23 @@ def sft_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
     step = make_sft_step(policy.config, num_microbatches=config.train.grad_accum)
     tokenizer = policy.tokenizer
 
+    # With an environment the references are tool-use conversations whose loss sees the model's turns.
+    envs = multiturn.EnvFactory(config, tokenizer) if config.env.enabled else None
+
+    def batch_of(examples):
+        if envs is None:
+            return sequence_batch(tokenizer, examples, config)
+        return multiturn.conversation_batch(config, policy, envs, examples)
+
     def make_batch(state, s):
-        return sequence_batch(tokenizer, step_rows(train_set, config.data.batch_size, s, config), config), {}
+        return batch_of(step_rows(train_set, config.data.batch_size, s, config)), {}
 
     eval_loss = jax.jit(lambda params, b: sft_loss(
         score_tokens(params, policy.config, b.tokens_BxT, b.mask_BxT), b.completion_mask_BxT
     ))
 
     def evaluate(state):
-        return {"eval/loss": eval_loss(state.model_params(), sequence_batch(tokenizer, eval_set, config))}
+        return {"eval/loss": eval_loss(state.model_params(), batch_of(eval_set))}
 
     return Phase(policy_state(config, policy), step, make_batch, lambda st: st.model_params(), evaluate)
 
@@ -121,13 +130,19 @@ def dpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
     return Phase(state, step, make_batch, lambda st: st.policy.model_params(), evaluate)
 
 
+def rollouts_of(config: Config) -> type[Rollouts]:
+    """Single answers, or with an environment (`env` section) whole multi-turn trajectories."""
+    return multiturn.EnvRollouts if config.env.enabled else Rollouts
+
+
 def grpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: list[dict]) -> Phase:
     """GRPO and its variants on prompts scored by reward functions."""
     g = config.grpo
     ref = reference_params(config, policy) if uses_reference(g) else None
-    step = make_grpo_step(policy.config, g, config.train.grad_accum, config.data.max_completion_len)
+    answer_len = config.env.max_tokens if config.env.enabled else config.data.max_completion_len
+    step = make_grpo_step(policy.config, g, config.train.grad_accum, answer_len)
     reward = reward_function(config, policy, g.reward_functions, g.reward_weights)
-    rollouts = Rollouts(config, policy, train_set, g.group_size, reward, dynamic=g.dynamic_sampling)
+    rollouts = rollouts_of(config)(config, policy, train_set, g.group_size, reward, dynamic=g.dynamic_sampling)
     state = GRPOState(policy=policy_state(config, policy), ref_params=ref)
     return Phase(
         state, step, lambda st, s: rollouts.batch(st.policy.model_params(), s),
@@ -139,7 +154,8 @@ def grpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: 
 def ppo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: list[dict]) -> Phase:
     """PPO with actor, critic, frozen reference and frozen reward model (seed design)."""
     key = jax.random.fold_in(stream_key(config.seed, INIT), 3)
-    reward_model, rm_reward = reward_model_reward(config, policy)
+    # Without a reward model an environment class scores the trajectories (config.checks).
+    reward_model, rm_reward = reward_model_reward(config, policy) if config.model.reward_model_path else (None, None)
     actor = policy_state(config, policy)
     if config.model.critic_path:
         critic = load_scalar(config, config.model.critic_path, key)
@@ -154,20 +170,22 @@ def ppo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
         critic_trained, critic_frozen = scalar_parts(
             actor.params if actor.frozen is None else actor.frozen, policy.config, key
         )
+    reward_config = reward_model.config if reward_model else None
     step = make_ppo_step(
-        policy.config, config.ppo, config.train.grad_accum, critic_config=critic_config,
-        reward_config=reward_model.config,
+        policy.config, config.ppo, config.train.grad_accum, critic_config=critic_config, reward_config=reward_config,
     )
-    rollouts = Rollouts(config, policy, train_set, 1, None)
-    names, weights = evaluation_rewards(config, train_set[0])
-    evaluator = Rollouts(config, policy, train_set, 1, reward_function(config, policy, names, weights, rm_reward))
+    rollouts = rollouts_of(config)(config, policy, train_set, 1, None)
+    evaluator = rollouts
+    if reward_model or any(field in train_set[0] for field in ("answer", "preference_target")):
+        names, weights = evaluation_rewards(config, train_set[0])
+        evaluation = reward_function(config, policy, names, weights, rm_reward)
+        evaluator = rollouts_of(config)(config, policy, train_set, 1, evaluation)
     critic_state = TrainState.create(critic_trained, optimizer(config, lr=config.optim.critic_lr), critic_frozen)
-    state = PPOState.create(
-        actor, critic_state, reference_params(config, policy), own_copy(reward_model.params), config.ppo.kl_coef
-    )
+    reward_params = own_copy(reward_model.params) if reward_model else None
+    state = PPOState.create(actor, critic_state, reference_params(config, policy), reward_params, config.ppo.kl_coef)
     return Phase(
         state, step, lambda st, s: rollouts.batch(st.actor.model_params(), s),
         lambda st: st.actor.model_params(),
         lambda st: evaluator.evaluate(st.actor.model_params(), eval_set),
-        (policy.config, critic_config, reward_model.config),
+        tuple(c for c in (policy.config, critic_config, reward_config) if c is not None),
     )

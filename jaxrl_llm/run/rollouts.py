@@ -77,7 +77,8 @@ class Rollouts:
         if self.dynamic:
             out, total_R, host["dynamic_sampling/tries"] = self._dynamic(params, prompts, out, total_R, step)
         host["time/generation"] = time.perf_counter() - start
-        host["tokens/generated"] = float(sharding.to_host(out.lengths_R).sum())
+        sampled = out.lengths_R if out.sampled_mask_RxN is None else out.sampled_mask_RxN
+        host["tokens/generated"] = float(np.sum(sharding.to_host(sampled)))
         return RolloutBatch.from_completions(out, total_R), host
 
     def _dynamic(self, params, prompts, out, total_R, step):
@@ -105,8 +106,10 @@ class Rollouts:
         prompt = lambda field, value: np.concatenate(
             [widen(getattr(o, field)[rows(i)], width, left=True, value=value) for o, _, i in keep]
         )
+        fields = ["tokens_RxN", "logp_RxN", "mask_RxN", "lengths_R", "truncated_R"]
+        fields += ["sampled_mask_RxN"] if out.sampled_mask_RxN is not None else []
         merged = Completions(
-            **{f: pick(f) for f in ("tokens_RxN", "logp_RxN", "mask_RxN", "lengths_R", "truncated_R")},
+            **{f: pick(f) for f in fields},
             prompt_tokens_RxP=prompt("prompt_tokens_RxP", self.sampling.pad_token_id),
             prompt_mask_RxP=prompt("prompt_mask_RxP", 0), logp_temperature=out.logp_temperature,
         )
