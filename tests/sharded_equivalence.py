@@ -3,6 +3,7 @@ print one JSON line per (case, mesh) with the largest differences (`steps EXPORT
 shortened default training run on a 2×2×2 mesh (`loop RUN_DIR`). Run by test_sharding.py in a
 subprocess, because the device count must be set before JAX starts."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -10,9 +11,13 @@ import sys
 if __name__ == "__main__":  # before JAX starts; importing `run_loop` elsewhere leaves devices alone
     # 8 fake devices share 2 cores here: a device thread can reach a collective more than XLA's
     # default 40 s after the others, which aborts the process, so the collectives wait longer.
+    # XLA's concurrency-optimised CPU schedule let the fake devices of one program enter independent
+    # collectives in different orders (devices 0-3 in an all-reduce over all 8 while 4-7 sat in an
+    # all-gather among themselves) and the run deadlocked in most LoRA GRPO runs on the (2, 4, 1)
+    # mesh; with XLA's default schedule it passed every time (4 of 4 alone, then in CI).
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (
         " --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600"
-        " --xla_cpu_collective_timeout_seconds=600"
+        " --xla_cpu_collective_timeout_seconds=600 --xla_cpu_enable_concurrency_optimized_scheduler=false"
     )
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +34,7 @@ from jaxrl_llm.algorithms.sft import make_sft_step  # noqa: E402
 from jaxrl_llm.config import DPOSection, GRPOSection, PPOSection  # noqa: E402
 from jaxrl_llm.models.lora import init_adapters  # noqa: E402
 from jaxrl_llm.models.transformer import LoraConfig, init_params  # noqa: E402
-from jaxrl_llm.sampling import SamplingConfig, generate  # noqa: E402
+from jaxrl_llm.sampling import SamplingConfig, generate, init_turn_cache, sample_turn  # noqa: E402
 from jaxrl_llm.state import TrainState, make_optimizer  # noqa: E402
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
@@ -101,11 +106,9 @@ def max_diff(a, b):
                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), default=0.0)
 
 
-def main(export_dir, lora=False):
+def main(export_dir):
     one = sharding.single_device_mesh()
     for name, (state, step, batches) in cases().items():
-        if name.endswith("_lora") != lora:
-            continue
         state = jax.device_get(state)
         want_state, want_metrics, _ = run_steps(state, step, batches, one)
         for shape in MESHES:
@@ -130,6 +133,34 @@ def main(export_dir, lora=False):
             "case": "generate", "mesh": shape, "tokens_equal": bool(np.array_equal(want.tokens_RxN, got.tokens_RxN)),
             "logp": max_diff(want.logp_RxN, got.logp_RxN),
             "lengths_equal": bool(np.array_equal(want.lengths_R, got.lengths_R)),
+        }), flush=True)
+    check_turns(params, prompts, config)
+
+
+def check_turns(params, prompts, config):
+    """Three turns of multi-turn sampling (per-row caches extended by each turn's new tokens) on each
+    mesh equal one device; 16 rows so every mesh splits them."""
+    rows = [p for p in prompts for _ in range(4)]
+    config = dataclasses.replace(config, n=1)
+
+    def turns(mesh):
+        placed = params if mesh is None else sharding.place(params, sharding.tree_shardings(params, mesh, [CONFIG]))
+        cache = init_turn_cache(CONFIG, len(rows), 96)  # laid out by the first turn, as envs.TurnSampler's
+        blocks, out = rows, []
+        for t in range(3):
+            cache, turn = sample_turn(placed, cache, blocks, [10] * len(rows), jax.random.key(t), config, CONFIG, mesh)
+            turn = jax.device_get(turn)
+            out.append(turn)
+            blocks = [[int(turn.tokens_RxN[r, max(n - 1, 0)]), 5, 6] if n else [] for r, n in enumerate(turn.lengths_R)]
+        return out
+
+    want = turns(None)
+    for shape in MESHES:
+        got = turns(sharding.make_mesh(*shape))
+        print(json.dumps({
+            "case": "turns", "mesh": shape,
+            "tokens_equal": all(np.array_equal(a.tokens_RxN, b.tokens_RxN) for a, b in zip(want, got)),
+            "logp": max(max_diff(a.logp_RxN, b.logp_RxN) for a, b in zip(want, got)),
         }), flush=True)
 
 
@@ -164,4 +195,4 @@ if __name__ == "__main__":
         row = run_loop(folder, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
         print(json.dumps({"case": "loop", "metrics": row}), flush=True)
     else:
-        main(folder, lora=sys.argv[3:] == ["lora"])
+        main(folder)

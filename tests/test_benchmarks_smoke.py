@@ -11,7 +11,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ sits beside tests/
 
 
-@pytest.mark.parametrize("name", ["forward", "generate", "train_step", "grpo_iteration", "lora", "__main__"])
+@pytest.mark.parametrize(
+    "name", ["forward", "generate", "train_step", "grpo_iteration", "lora", "multiturn", "__main__"]
+)
 def test_benchmark_modules_import(name):
     module = importlib.import_module(f"benchmarks.{name}")
     assert callable(getattr(module, "measure", None) or module.main)
@@ -31,6 +33,13 @@ def test_lora_smoke_agrees_with_peft():
     args = lora.parse_args(["--smoke", "--repeats", "1", "--no-grpo"])
     result = lora.measure(args)  # exits when our LoRA step's loss and PEFT's differ by more than 1e-4
     assert result.ours_s > 0 and result.baseline_s > 0
+
+
+def test_multiturn_smoke_samples_the_same_conversations_both_ways():
+    from benchmarks import multiturn
+
+    result = multiturn.measure(multiturn.parse_args(["--smoke", "--repeats", "1"]))  # exits when they differ
+    assert result.work == 2 * 4 * 6 and result.ours_s > 0 and result.baseline_s > 0
 
 
 def test_runner_replaces_only_its_section(tmp_path):

@@ -109,11 +109,7 @@ def eight_devices(tmp_path_factory):
     return {(row["case"], tuple(row.get("mesh", ()))): row for row in rows}
 
 
-# The LoRA cases of sharded_equivalence.py ("sft_lora", "grpo_lora", "ppo_lora") passed on every mesh
-# (state <= 8e-5, metrics <= 1.3e-6) but the process hung in an XLA CPU all-gather (in sft_lora once,
-# in grpo_lora once) in two of four runs on a loaded 2-core machine; they run by hand until that is understood:
-#   python tests/sharded_equivalence.py steps OUT_DIR lora
-@pytest.mark.parametrize("case", ["sft", "dpo", "grpo", "ppo"])
+@pytest.mark.parametrize("case", ["sft", "dpo", "grpo", "ppo", "sft_lora", "grpo_lora", "ppo_lora"])
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_sharded_steps_equal_one_device(eight_devices, case, mesh):
     row = eight_devices[(case, mesh)]
@@ -126,6 +122,12 @@ def test_sharded_steps_equal_one_device(eight_devices, case, mesh):
 def test_sharded_generation_equals_one_device(eight_devices, mesh):
     row = eight_devices[("generate", mesh)]
     assert row["tokens_equal"] and row["lengths_equal"] and row["logp"] < 1e-5, row
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_sharded_multiturn_sampling_equals_one_device(eight_devices, mesh):
+    row = eight_devices[("turns", mesh)]
+    assert row["tokens_equal"] and row["logp"] < 1e-5, row
 
 
 def test_init_and_loading_produce_sharded_params(eight_devices):

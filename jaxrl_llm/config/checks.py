@@ -286,9 +286,10 @@ def check_task_fields(config: Config, required: tuple[str, ...]) -> None:
 
 
 def check_rewards(config: Config) -> None:
-    """GRPO's reward functions resolve, are distinct, and their weights line up."""
+    """GRPO's reward functions resolve, are distinct, and their weights line up; there is at least one
+    unless an environment class gives the rewards."""
     grpo = config.grpo
-    if not grpo.reward_functions:
+    if not grpo.reward_functions and config.env.kind in ("none", "tools"):
         raise ConfigError("grpo.reward_functions is empty; name at least one, e.g. [arithmetic_exact].")
     if grpo.reward_weights is not None and len(grpo.reward_weights) != len(grpo.reward_functions):
         raise ConfigError(

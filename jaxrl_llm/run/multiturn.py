@@ -134,12 +134,11 @@ class EnvRollouts(Rollouts):
 
 
 def conversation_batch(config: Config, policy: Policy, envs: EnvFactory, examples: list[dict]) -> SequenceBatch:
-    """The reference conversations of `examples` (their `tool_calls`, if any, whose results the
-    environment really computes, then their `completion`) as SFT sequences whose loss sees the model's
-    turns only."""
+    """The reference conversations of `examples` as SFT sequences whose loss sees the model's turns
+    only. An example's model turns are its `replies` (texts, in order) or a call of its `tool_calls`,
+    then its `completion`; the environment answers each turn, as in a rollout (tools really run)."""
     tokenizer = policy.tokenizer
-    calls = [e.get("tool_calls") or [] for e in examples]  # none: the reference answers at once
-    replies = [[format_tool_calls(c, envs.format)] * bool(c) + [e["completion"]] for c, e in zip(calls, examples)]
+    replies = [_reference_replies(e, envs.format) for e in examples]
     stop_id = tokenizer.eos_token_id
     episodes = start_episodes(examples, envs, tokenizer, limits(config))
     run_episodes(ReplaySampler(tokenizer, replies, stop_id), episodes, tokenizer, limits(config),
@@ -151,3 +150,11 @@ def conversation_batch(config: Config, policy: Policy, envs: EnvFactory, example
         mask_BxT=np.concatenate([host.prompt_mask_RxP, host.mask_RxN], axis=1),
         completion_mask_BxT=np.concatenate([np.zeros_like(host.prompt_mask_RxP), host.sampled_mask_RxN], axis=1),
     )
+
+
+def _reference_replies(example: dict, tool_format: str | None) -> list[str]:
+    """The example's `replies`, or a call of its `tool_calls` (neither: it answers at once), then its `completion`."""
+    if "replies" in example:
+        return list(example["replies"]) + [example["completion"]]
+    calls = example.get("tool_calls") or []
+    return [format_tool_calls(calls, tool_format)] * bool(calls) + [example["completion"]]

@@ -141,7 +141,8 @@ def grpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: 
     ref = reference_params(config, policy) if uses_reference(g) else None
     answer_len = config.env.max_tokens if config.env.enabled else config.data.max_completion_len
     step = make_grpo_step(policy.config, g, config.train.grad_accum, answer_len)
-    reward = reward_function(config, policy, g.reward_functions, g.reward_weights)
+    # None: an environment class's own rewards are the whole reward (config.checks).
+    reward = reward_function(config, policy, g.reward_functions, g.reward_weights) if g.reward_functions else None
     rollouts = rollouts_of(config)(config, policy, train_set, g.group_size, reward, dynamic=g.dynamic_sampling)
     state = GRPOState(policy=policy_state(config, policy), ref_params=ref)
     return Phase(
