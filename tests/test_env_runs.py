@@ -64,6 +64,17 @@ def test_grpo_on_trajectories_resumes_exactly(tmp_path):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
 
 
+def test_dapo_dynamic_sampling_and_overlong_shaping_apply_to_trajectories(tmp_path):
+    train(calculator_config(tmp_path / "dapo", "train.total_steps=1", "grpo.dynamic_sampling=true",
+                            "grpo.dynamic_sampling_max_tries=2", "grpo.overlong_shaping=true",
+                            "grpo.overlong_buffer=32", "train.eval_every=0"), quiet=True)
+    (row,) = metric_rows(tmp_path / "dapo")
+    assert 1 <= row["dynamic_sampling/tries"] <= 2
+    assert "reward/overlong" in row and row["reward/overlong"] <= 0
+    # The lengths shaping sees are the model's tokens, within the trajectory budget env.max_tokens.
+    assert 0 < row["response_length/mean"] <= 160
+
+
 class EchoEnv:
     """Two user turns; a reply earns 1 for each 'a' it holds (a custom environment for PPO)."""
 
