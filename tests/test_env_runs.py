@@ -10,6 +10,7 @@ from test_train import TINY
 from jaxrl_llm.config import load_config
 from jaxrl_llm.errors import ConfigError
 from jaxrl_llm.run.examples import prepare_examples
+from jaxrl_llm.run.evaluate import evaluate
 from jaxrl_llm.run.loop import train
 from jaxrl_llm.run.multiturn import EnvFactory, conversation_batch
 from jaxrl_llm.run.policy import load_policy
@@ -56,6 +57,10 @@ def test_grpo_on_trajectories_resumes_exactly(tmp_path):
                  "env/truncated_turns", "env/truncated_tokens", "reward/arithmetic_exact"):
         assert name in rows[-1], name
     assert "eval/tool_calls" in rows[-1] and "eval/accuracy" in rows[-1]
+    # `python -m jaxrl_llm.eval RUN_DIR` plays the held-out prompts through the environment too.
+    report = evaluate(calculator_config(tmp_path / "straight"), str(tmp_path / "straight"))
+    assert report["eval/accuracy"] == pytest.approx(rows[-1]["eval/accuracy"])
+    assert report["eval/turns"] == pytest.approx(rows[-1]["eval/turns"])
     train(calculator_config(tmp_path / "resumed", "train.total_steps=1"), quiet=True)
     train(calculator_config(tmp_path / "resumed", "train.total_steps=2", "train.resume=true"), quiet=True)
     got, want = metric_rows(tmp_path / "resumed"), rows

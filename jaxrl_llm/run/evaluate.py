@@ -13,9 +13,10 @@ from jaxrl_llm.config import Config, load_config
 from jaxrl_llm.errors import ConfigError, TrainingError
 from jaxrl_llm.models import lora, peft
 from jaxrl_llm.run.examples import prepare_examples
+from jaxrl_llm.run.multiturn import rollouts_of
 from jaxrl_llm.run.policy import Policy, load_policy, lora_base
 from jaxrl_llm.run.registry import algorithm, check
-from jaxrl_llm.run.rollouts import Rollouts, evaluation_rewards, reward_function
+from jaxrl_llm.run.rollouts import evaluation_rewards, reward_function
 
 
 def is_run_dir(path: str) -> bool:
@@ -77,7 +78,7 @@ def evaluate(
         names, weights = section.reward_functions, section.reward_weights
     else:
         names, weights = evaluation_rewards(config, eval_set[0])
-    rollouts = Rollouts(config, policy, eval_set, 1, reward_function(config, policy, names, weights))
+    rollouts = rollouts_of(config)(config, policy, eval_set, 1, reward_function(config, policy, names, weights))
     metrics, answers = rollouts.evaluate_answers(policy.params, eval_set, temperature, n)
     answers = answers[:: n if temperature > 0 else 1]  # one answer per prompt to show
     shown = [

@@ -128,9 +128,14 @@ class EnvRollouts(Rollouts):
         batch, host = super().batch(params, step)
         return batch, {**host, **self.last_metrics}
 
-    def evaluate(self, params, eval_set: list[dict]) -> dict:
-        metrics, _ = self.evaluate_answers(params, eval_set)
-        return {**metrics, **{f"eval/{k.removeprefix('env/')}": v for k, v in self.last_metrics.items()}}
+    def evaluate_answers(self, params, eval_set: list[dict], temperature: float = 0.0, n: int = 1):
+        metrics, texts = super().evaluate_answers(params, eval_set, temperature, n)
+        return {**metrics, **{f"eval/{k.removeprefix('env/')}": v for k, v in self.last_metrics.items()}}, texts
+
+
+def rollouts_of(config: Config) -> type[Rollouts]:
+    """Single answers, or with an environment (`env` section) whole multi-turn trajectories."""
+    return EnvRollouts if config.env.enabled else Rollouts
 
 
 def conversation_batch(config: Config, policy: Policy, envs: EnvFactory, examples: list[dict]) -> SequenceBatch:

@@ -25,8 +25,9 @@ from jaxrl_llm.models import lora
 from jaxrl_llm.run import multiturn
 from jaxrl_llm.run.examples import pair_batch, sequence_batch, step_rows
 from jaxrl_llm.run.keys import INIT, stream_key
+from jaxrl_llm.run.multiturn import rollouts_of
 from jaxrl_llm.run.policy import Policy, load_scalar, lora_parts, own_copy, reference_params, scalar_parts
-from jaxrl_llm.run.rollouts import Rollouts, evaluation_rewards, reward_function, reward_model_reward
+from jaxrl_llm.run.rollouts import evaluation_rewards, reward_function, reward_model_reward
 from jaxrl_llm.state import TrainState, make_optimizer
 
 
@@ -128,11 +129,6 @@ def dpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
 
     state = DPOState(policy=policy_state(config, policy), ref_params=reference_params(config, policy))
     return Phase(state, step, make_batch, lambda st: st.policy.model_params(), evaluate)
-
-
-def rollouts_of(config: Config) -> type[Rollouts]:
-    """Single answers, or with an environment (`env` section) whole multi-turn trajectories."""
-    return multiturn.EnvRollouts if config.env.enabled else Rollouts
 
 
 def grpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: list[dict]) -> Phase:
