@@ -414,7 +414,7 @@ def sample_turn(params, turns: TurnCache, blocks: list[list[int]], limits, key, 
     block_RxD, _ = pad_bucketed([list(b) or [config.pad_token_id] for b in blocks], config.bucketing,
                                 config.pad_token_id, left=False)
     S = turns.caches[0]["k"].shape[1]
-    if int(np.max(np.asarray(turns.fill_R) + block_len_R + np.minimum(limits, config.max_new_tokens))) > S:
+    if int(np.max(sharding.to_host(turns.fill_R) + block_len_R + np.minimum(limits, config.max_new_tokens))) > S:
         raise ValueError(f"sample_turn: a row's tokens would pass its cache of {S} slots; budget the turns.")
     arrays = (jnp.asarray(block_RxD, jnp.int32), jnp.asarray(block_len_R), jnp.asarray(limits, jnp.int32))
     if mesh is not None:

@@ -9,8 +9,8 @@ from test_train import TINY
 
 from jaxrl_llm.config import load_config
 from jaxrl_llm.errors import ConfigError
-from jaxrl_llm.run.examples import prepare_examples
 from jaxrl_llm.run.evaluate import evaluate
+from jaxrl_llm.run.examples import prepare_examples
 from jaxrl_llm.run.loop import train
 from jaxrl_llm.run.multiturn import EnvFactory, conversation_batch
 from jaxrl_llm.run.policy import load_policy

@@ -18,6 +18,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from jaxrl_llm import sharding
 from jaxrl_llm.envs.base import Environment
 from jaxrl_llm.errors import ConfigError, EnvError
 from jaxrl_llm.sampling import SamplingConfig, Turn, init_turn_cache, sample_turn
@@ -108,7 +109,7 @@ class TurnSampler:
         self.cache, turn = sample_turn(
             self.params, self.cache, blocks, limits, key, self.sampling, self.model_config, self.mesh
         )
-        return jax.device_get(turn)
+        return sharding.to_host(turn)
 
 
 class ReplaySampler:
