@@ -57,6 +57,8 @@ def test_grpo_on_trajectories_resumes_exactly(tmp_path):
                  "env/truncated_turns", "env/truncated_tokens", "reward/arithmetic_exact"):
         assert name in rows[-1], name
     assert "eval/tool_calls" in rows[-1] and "eval/accuracy" in rows[-1]
+    # The total reward is the reward functions' plus the environment's (0 for a tool environment).
+    assert rows[-1]["eval/reward"] == pytest.approx(rows[-1]["eval/arithmetic_exact"] + rows[-1]["eval/step_reward"])
     # `python -m jaxrl_llm.eval RUN_DIR` plays the held-out prompts through the environment too.
     report = evaluate(calculator_config(tmp_path / "straight"), str(tmp_path / "straight"))
     assert report["eval/accuracy"] == pytest.approx(rows[-1]["eval/accuracy"])
@@ -105,7 +107,7 @@ def test_ppo_with_an_environment_class_scores_by_its_rewards(tmp_path):
     # After a warm start on reference conversations (its answer, then an empty one) replies end in
     # <eos> and get their second turn; the score is the environment's reward.
     assert all(1 < row["env/turns"] <= 2 for row in rows), [row["env/turns"] for row in rows]
-    assert [row["score/mean"] for row in rows] == pytest.approx([row["env/reward"] for row in rows])
+    assert [row["score/mean"] for row in rows] == pytest.approx([row["env/step_reward"] for row in rows])
 
 
 def test_env_errors_name_the_field():

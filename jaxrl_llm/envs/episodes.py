@@ -241,5 +241,5 @@ def episode_metrics(episodes: list[Episode]) -> dict:
         "env/context_tokens": float(np.mean([len(e.tokens) for e in episodes]) - sampled.mean()),
         "env/truncated_turns": float(np.mean([e.ended == TURN_LIMIT for e in episodes])),
         "env/truncated_tokens": float(np.mean([e.ended == TOKEN_LIMIT for e in episodes])),
-        "env/reward": float(np.mean([e.reward for e in episodes])),
+        "env/step_reward": float(np.mean([e.reward for e in episodes])),  # not eval/reward, the total
     }
