@@ -94,9 +94,11 @@ class EchoEnv:
         return [{"role": "user", "content": "Again."}], float(assistant_text.count("a")), self.turn == 2
 
 
-def test_ppo_with_an_environment_class_scores_by_its_rewards(tmp_path):
+@pytest.mark.parametrize("per_turn", [False, True])
+def test_ppo_with_an_environment_class_scores_by_its_rewards(tmp_path, per_turn):
     config = load_config(os.path.join(ROOT, "configs", "ppo.yaml"), [
         *TINY, f"run_dir={tmp_path / 'ppo'}", "model.source=tiny", "model.reward_model_path=null",
+        f"env.per_turn_rewards={str(per_turn).lower()}",
         "env.kind=test_env_runs:EchoEnv", "env.max_turns=3", "env.max_tokens=64", "data.max_completion_len=24",
         "data.max_prompt_len=64", "train.sft_warmup_steps=15", "train.sft_warmup_lr=3e-3",
         "data.batch_size=4", "data.eval_size=4", "ppo.num_minibatches=1", "ppo.epochs=1", "train.total_steps=2",
@@ -107,7 +109,13 @@ def test_ppo_with_an_environment_class_scores_by_its_rewards(tmp_path):
     # After a warm start on reference conversations (its answer, then an empty one) replies end in
     # <eos> and get their second turn; the score is the environment's reward.
     assert all(1 < row["env/turns"] <= 2 for row in rows), [row["env/turns"] for row in rows]
-    assert [row["score/mean"] for row in rows] == pytest.approx([row["env/step_reward"] for row in rows])
+    step_rewards = [row["env/step_reward"] for row in rows]
+    if per_turn:  # each turn's reward at its own last token: none in the score, all in the summed rewards
+        assert [row["score/mean"] for row in rows] == [0.0, 0.0]
+        assert [row["reward/mean"] - row["reward/non_score"] for row in rows] == pytest.approx([0.0, 0.0], abs=1e-6)
+        assert [row["reward/mean"] for row in rows] == pytest.approx(step_rewards, abs=1e-3)
+    else:
+        assert [row["score/mean"] for row in rows] == pytest.approx(step_rewards)
 
 
 def test_env_errors_name_the_field():
@@ -115,5 +123,7 @@ def test_env_errors_name_the_field():
         load_config(None, ["env.kind=tools"])
     with pytest.raises(ConfigError, match="needs algorithm grpo or ppo"):
         load_config(None, ["algorithm=dpo", "env.kind=tools", "env.tools=[calculator]"])
+    with pytest.raises(ConfigError, match="GRPO's advantages are per trajectory"):
+        load_config(None, ["env.kind=tools", "env.tools=[calculator]", "env.per_turn_rewards=true"])
     with pytest.raises(ConfigError, match="env.max_tokens = "):
         load_config(None, ["env.kind=tools", "env.tools=[calculator]", "env.max_tokens=5000"])

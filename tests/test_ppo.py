@@ -73,6 +73,35 @@ def test_rollout_rewards_gae_and_returns_match_numpy(models):
     assert float(metrics["clipfrac"]) == 0.0
 
 
+def test_token_rewards_join_the_per_token_rewards(models):
+    """An environment's per-turn rewards (`token_rewards_RxT`) add to r_t where they sit, before GAE."""
+    params, value_params, ref_params, reward_params = models
+    cfg = PPOSection(kl_estimator="k1", kl_coef=0.1, gamma=0.9, lam=0.8, epochs=1, reward_clip=None)
+    batch = rollout(1)
+    m = batch.completion_mask_RxT.astype(np.float64)
+    token_rewards = np.zeros(m.shape)
+    for r in range(len(m)):  # a reward at the first and at the middle completion token of each row
+        valid = np.flatnonzero(m[r])
+        token_rewards[r, valid[0]], token_rewards[r, valid[len(valid) // 2]] = 0.5, -1.0 + r
+    step = jax.jit(make_ppo_step(CONFIG, cfg))
+    state = make_state(params, value_params, ref_params, reward_params)
+    _, plain = step(state, batch, jax.random.key(0))
+    state = make_state(params, value_params, ref_params, reward_params)
+    _, turned = step(state, batch.replace(token_rewards_RxT=jnp.asarray(token_rewards, jnp.float32)), jax.random.key(0))
+    np.testing.assert_allclose(float(turned["reward/mean"]) - float(plain["reward/mean"]),
+                               token_rewards.sum(1).mean(), rtol=1e-5, atol=1e-6)
+    kl = (ref_logp(params, batch) - ref_logp(ref_params, batch)) * m
+    values_all, _ = common.scalar_scores(value_params, CONFIG, batch.tokens_RxT, batch.mask_RxT)
+    _, score = common.scalar_scores(reward_params, CONFIG, batch.tokens_RxT, batch.mask_RxT)
+    values = np.zeros(m.shape)
+    values[:, 1:] = np.asarray(values_all, np.float64)[:, :-1]
+    rewards = -0.1 * kl + token_rewards
+    for r in range(len(m)):
+        rewards[r, np.flatnonzero(m[r])[-1]] += float(score[r]) + float(batch.rewards_R[r])
+    _, returns = numpy_gae(rewards, values * m, m, 0.9, 0.8)
+    np.testing.assert_allclose(float(turned["returns/mean"]), (returns * m).sum() / m.sum(), rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("changes", [
     dict(kl_estimator="full", epochs=2, num_minibatches=2, entropy_coef=0.01),
     dict(kl_estimator="k3", value_clip=None, whiten_advantages=False),

@@ -58,6 +58,9 @@ class RolloutBatch:
     rewards_R: jax.Array
     truncated_R: jax.Array
     temperature: float = struct.field(pytree_node=False, default=1.0)
+    # Rewards at given tokens (an environment's per-turn rewards at each turn's last token), which PPO
+    # adds to its per-token rewards; None: the whole reward is rewards_R.
+    token_rewards_RxT: jax.Array | None = None
 
     @classmethod
     def from_completions(cls, completions: Completions, rewards_R: jax.Array | None = None) -> "RolloutBatch":

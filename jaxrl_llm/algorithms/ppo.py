@@ -121,6 +121,8 @@ def make_ppo_step(
         rewards_RxT = ppo_token_rewards(
             score_R, kl_RxT, mask_RxT, beta, batch.truncated_R, cfg.missing_stop_penalty or 0.0
         )
+        if batch.token_rewards_RxT is not None:  # per-turn rewards, each at its turn's last token
+            rewards_RxT = rewards_RxT + batch.token_rewards_RxT * mask_RxT
         old_values_RxT = values_of(state.critic.model_params(), batch)
         adv_RxT, returns_RxT = gae(rewards_RxT, old_values_RxT, mask_RxT, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:

@@ -193,6 +193,11 @@ def _check_env(config: Config) -> None:
         raise ConfigError("env.kind=tools needs env.tools: built-in names (calculator) or module:function paths.")
     if env.tools and env.kind != "tools":
         raise ConfigError(f"env.tools is set but env.kind is {env.kind!r}; set env.kind=tools to use them.")
+    if env.per_turn_rewards and config.algorithm == "grpo":
+        raise ConfigError(
+            "env.per_turn_rewards places rewards at each turn's end for PPO's GAE; GRPO's advantages are per "
+            "trajectory (it sums the rewards): set env.per_turn_rewards=false."
+        )
     if env.kind not in ("none", "tools") and ":" not in env.kind and "." not in env.kind:
         raise ConfigError(f"env.kind must be none, tools or an environment class as module:Class, got {env.kind!r}.")
 

@@ -249,6 +249,9 @@ class EnvSection:
     # Tokens after the prompt, the model's and the environment's; a turn is at most data.max_completion_len.
     max_tokens: int = 512
     tool_format: Literal[TOOL_FORMATS] = "auto"  # auto: from the chat template (jaxrl_llm.envs.tools)
+    # PPO: each environment step's reward at the end of the turn it answers (GAE credits the turns
+    # apart); off: their sum at the trajectory's last token. GRPO always sums them.
+    per_turn_rewards: bool = False
     tool_timeout: float = 10.0  # seconds per call
     workers: int = 32  # threads running environment steps and tool calls
 

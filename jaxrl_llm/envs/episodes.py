@@ -39,8 +39,9 @@ class EpisodeLimits:
 @dataclasses.dataclass
 class Episode:
     """One trajectory: its conversation, prompt ids, then every later token with whether the model
-    sampled it and its sampler log-prob (0 elsewhere); the summed environment reward; how it ended
-    (`DONE`, or truncated by `TURN_LIMIT` / `TOKEN_LIMIT`)."""
+    sampled it and its sampler log-prob (0 elsewhere); the environment's rewards, summed and per turn
+    (at the index of the turn's last token); how it ended (`DONE`, or truncated by `TURN_LIMIT` /
+    `TOKEN_LIMIT`)."""
 
     env: Environment
     messages: list[dict]
@@ -49,6 +50,7 @@ class Episode:
     sampled: list[bool] = dataclasses.field(default_factory=list)
     logps: list[float] = dataclasses.field(default_factory=list)
     reward: float = 0.0
+    turn_rewards: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # (token index, reward)
     turns: int = 0
     ended: str | None = None
 
@@ -208,6 +210,7 @@ def _next_block(episode: Episode, stepped, tokenizer, out, r: int, turn: int, li
     """After an environment step: the block of the row's next turn, or [] when the episode ended."""
     new_messages, reward, done = stepped
     episode.reward += float(reward)
+    episode.turn_rewards.append((len(episode.tokens) - 1, float(reward)))  # at the turn's last token
     if done:
         episode.ended = DONE
         return []

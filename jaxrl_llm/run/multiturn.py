@@ -95,14 +95,15 @@ def episode_completions(episodes: list[Episode], config: Config, pad_id: int, te
 
 class EnvRollouts(Rollouts):
     """Rollouts whose answers are trajectories: G per prompt (rows i·G + j), all advanced turn by turn;
-    a trajectory's reward is its environment's summed reward plus the reward functions on its last reply."""
+    a trajectory's reward is its environment's summed reward plus the reward functions on its last reply
+    (with env.per_turn_rewards, PPO's batch carries each step's reward at its turn's last token instead)."""
 
     def __init__(self, config: Config, policy: Policy, examples: list[dict], group_size: int, reward_fn,
                  dynamic: bool = False):
         super().__init__(config, policy, examples, group_size, reward_fn, dynamic)
         self.envs = EnvFactory(config, policy.tokenizer)
         self.limits = limits(config)
-        self.last_metrics = {}
+        self.last_metrics, self.last_episodes = {}, []
 
     def sample(self, params, prompts: list[dict], key, sampling: SamplingConfig | None = None):
         sampling = sampling or self.sampling
@@ -116,8 +117,9 @@ class EnvRollouts(Rollouts):
         run_episodes(sampler, episodes, tokenizer, self.limits, key, self.envs.pool)
         out = episode_completions(episodes, self.config, tokenizer.pad_token_id, sampling.temperature or 1.0)
         texts = [e.final_text for e in episodes]
-        env_R = np.array([e.reward for e in episodes], np.float32)
-        self.last_metrics = episode_metrics(episodes)
+        # Per-turn rewards go to the batch's tokens instead (`batch`), not into the trajectory's reward.
+        env_R = np.array([0.0 if self.config.env.per_turn_rewards else e.reward for e in episodes], np.float32)
+        self.last_metrics, self.last_episodes = episode_metrics(episodes), episodes
         if self.reward_fn is None:
             return out, env_R, {}, texts
         fields = {name: [row.get(name) for row in rows] for name in rows[0] if name != "prompt"}
@@ -126,6 +128,12 @@ class EnvRollouts(Rollouts):
 
     def batch(self, params, step: int):
         batch, host = super().batch(params, step)
+        if self.config.env.per_turn_rewards:  # PPO (config.checks), whose batch is the last sample
+            token_rewards_RxT = np.zeros(batch.tokens_RxT.shape, np.float32)
+            for r, episode in enumerate(self.last_episodes):
+                for t, reward in episode.turn_rewards:
+                    token_rewards_RxT[r, batch.prompt_width + t] += reward
+            batch = batch.replace(token_rewards_RxT=token_rewards_RxT)
         return batch, {**host, **self.last_metrics}
 
     def evaluate_answers(self, params, eval_set: list[dict], temperature: float = 0.0, n: int = 1):
