@@ -1,6 +1,7 @@
 """Run SFT, DPO, GRPO and PPO steps and generation on one device and on meshes of 8 CPU devices;
 print one JSON line per (case, mesh) with the largest differences (`steps EXPORT_DIR`), or run a
-shortened default training run on a 2×2×2 mesh (`loop RUN_DIR`). Run by test_sharding.py in a
+shortened default training run on a 2×2×2 mesh (`loop RUN_DIR`; `loop_env RUN_DIR`: the multi-turn
+calculator run). Run by test_sharding.py in a
 subprocess, because the device count must be set before JAX starts."""
 
 import dataclasses
@@ -19,7 +20,8 @@ if __name__ == "__main__":  # before JAX starts; importing `run_loop` elsewhere 
         " --xla_force_host_platform_device_count=8 --xla_cpu_collective_call_terminate_timeout_seconds=600"
         " --xla_cpu_collective_timeout_seconds=600 --xla_cpu_enable_concurrency_optimized_scheduler=false"
     )
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -44,6 +46,12 @@ LOOP_OVERRIDES = [
     "data.batch_size=16", "grpo.group_size=4", "data.max_completion_len=6", "data.eval_size=8",
     "data.synthetic.num_examples=200", "train.total_steps=2", "train.sft_warmup_steps=2",
     "train.eval_every=0", "train.checkpoint_every=1", "train.export_hf=false",
+]
+
+# The multi-turn run on top of LOOP_OVERRIDES: a smaller tiny model, a warm start of 8 conversations.
+ENV_LOOP_OVERRIDES = [
+    "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_layers=1",
+    "model.tiny.head_dim=8", "train.sft_warmup_batch_size=8", "env.max_turns=2",
 ]
 
 
@@ -180,19 +188,22 @@ def check_init_and_load(mesh, folder):
     }), flush=True)
 
 
-def run_loop(run_dir, mesh_overrides):
-    """The last metrics row of a shortened default run on the given mesh."""
+def run_loop(run_dir, mesh_overrides, env=False):
+    """The last metrics row of a shortened default run (or with `env`, of configs/calculator.yaml's
+    multi-turn run with the calculator tool) on the given mesh."""
     from jaxrl_llm.config import load_config
     from jaxrl_llm.run import train
 
-    config = load_config(None, LOOP_OVERRIDES + [f"run_dir={run_dir}"] + mesh_overrides)
+    preset = os.path.join(os.path.dirname(HERE), "configs", "calculator.yaml") if env else None
+    overrides = (LOOP_OVERRIDES + ENV_LOOP_OVERRIDES) if env else LOOP_OVERRIDES
+    config = load_config(preset, overrides + [f"run_dir={run_dir}"] + mesh_overrides)
     return train(config, quiet=True).metrics
 
 
 if __name__ == "__main__":
-    mode, folder = sys.argv[1:3]  # "steps" HF_EXPORT_DIR, or "loop" RUN_DIR
-    if mode == "loop":
-        row = run_loop(folder, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
-        print(json.dumps({"case": "loop", "metrics": row}), flush=True)
+    mode, folder = sys.argv[1:3]  # "steps" HF_EXPORT_DIR, or "loop" / "loop_env" RUN_DIR
+    if mode in ("loop", "loop_env"):
+        row = run_loop(folder, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"], env=mode == "loop_env")
+        print(json.dumps({"case": mode, "metrics": row}), flush=True)
     else:
         main(folder)

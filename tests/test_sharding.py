@@ -136,12 +136,15 @@ def test_init_and_loading_produce_sharded_params(eight_devices):
     assert row["init"] == 0.0 and row["load"] == 0.0, row
 
 
-def test_training_run_on_a_mesh_equals_one_device(tmp_path):
+@pytest.mark.parametrize("mode", ["loop", "loop_env"])
+def test_training_run_on_a_mesh_equals_one_device(tmp_path, mode):
+    """The shortened default run, and the multi-turn calculator run (warm start on conversations,
+    GRPO on trajectories with the tool called on the host), on 2×2×2 against one device."""
     sys.path.insert(0, HERE)
     from sharded_equivalence import run_loop
 
-    [sharded] = _run([os.path.join(HERE, "sharded_equivalence.py"), "loop", str(tmp_path / "mesh")])
-    want = run_loop(str(tmp_path / "one"), [])
+    [sharded] = _run([os.path.join(HERE, "sharded_equivalence.py"), mode, str(tmp_path / "mesh")])
+    want = run_loop(str(tmp_path / "one"), [], env=mode == "loop_env")
     timing = ("time/", "tokens_per_s")
     names = [name for name in want if not name.startswith(timing)]
     assert names and sorted(names) == sorted(n for n in sharded["metrics"] if not n.startswith(timing))
