@@ -207,6 +207,11 @@ def sample_tokens(logits_RxV: jax.Array, keys_R: jax.Array, config: SamplingConf
     return token_R, token_logprobs(logits_RxV[:, None], token_R[:, None], config.temperature)[:, 0]
 
 
+def per_layer(cache: Cache, num_layers: int) -> list[Cache]:
+    """A stacked [L, ...] cache as one {"k","v"} per layer, as `decode_step` takes them."""
+    return [jax.tree.map(operator.itemgetter(i), cache) for i in range(num_layers)]
+
+
 def prefill(params, tokens_BxP, mask_BxP, model_config: ModelConfig, cache_dtype):
     """(logits_BxV at each prompt's last real token, per-layer caches [B,P,K,E]) in one pass."""
     B, P = tokens_BxP.shape
@@ -216,8 +221,7 @@ def prefill(params, tokens_BxP, mask_BxP, model_config: ModelConfig, cache_dtype
     )
     last_B = P - 1 - jnp.argmax(mask_BxP[:, ::-1], axis=-1)
     hidden_BxD = jnp.take_along_axis(hidden_BxPxD, last_B[:, None, None], axis=1)[:, 0]
-    caches = [jax.tree.map(operator.itemgetter(i), cache) for i in range(model_config.num_layers)]
-    return lm_logits(params, hidden_BxD, model_config), caches
+    return lm_logits(params, hidden_BxD, model_config), per_layer(cache, model_config.num_layers)
 
 
 def _emit(state: _DecodeState, logits_RxV, row_keys_R, stops, config: SamplingConfig):
@@ -341,9 +345,8 @@ class Turn:
 
 def init_turn_cache(model_config: ModelConfig, rows: int, cache_len: int, cache_dtype: str | None = None) -> TurnCache:
     """Empty caches of `cache_len` slots for `rows` conversations."""
-    cache = init_cache(model_config, rows, cache_len, cache_dtype)
-    caches = [jax.tree.map(operator.itemgetter(i), cache) for i in range(model_config.num_layers)]
-    return TurnCache(caches=caches, fill_R=jnp.zeros((rows,), jnp.int32))
+    cache = per_layer(init_cache(model_config, rows, cache_len, cache_dtype), model_config.num_layers)
+    return TurnCache(caches=cache, fill_R=jnp.zeros((rows,), jnp.int32))
 
 
 @jax.jit(static_argnames=("config", "model_config", "mesh"))

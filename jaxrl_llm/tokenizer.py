@@ -84,13 +84,14 @@ def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
 
 
 def apply_chat_template(
-    tokenizer: PreTrainedTokenizerFast, messages: Messages, add_generation_prompt: bool = True
+    tokenizer: PreTrainedTokenizerFast, messages: Messages, add_generation_prompt: bool = True, tools=None
 ) -> list[int]:
-    """Token ids of a chat (list of {"role", "content"}), as transformers' chat template gives."""
+    """Token ids of a chat (list of {"role", "content"}), as transformers' chat template gives, with
+    the JSON schemas of `tools` for templates that list them."""
     if tokenizer.chat_template is None:
         raise TokenizerError("this tokenizer has no chat template; pass prompts as plain strings.")
     encoded = tokenizer.apply_chat_template(
-        list(messages), add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
+        list(messages), tools=tools, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True
     )
     return list(encoded["input_ids"])
 

@@ -22,6 +22,7 @@ from jaxrl_llm import sharding
 from jaxrl_llm.envs.base import Environment
 from jaxrl_llm.errors import ConfigError, EnvError
 from jaxrl_llm.sampling import SamplingConfig, Turn, init_turn_cache, sample_turn
+from jaxrl_llm.tokenizer import apply_chat_template
 
 DONE, TURN_LIMIT, TOKEN_LIMIT = "done", "turns", "tokens"
 
@@ -70,13 +71,6 @@ def render(tokenizer, messages: list[dict], tools, add_generation_prompt: bool) 
     return tokenizer.apply_chat_template(
         messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False
     )
-
-
-def prompt_ids(tokenizer, messages: list[dict], tools) -> list[int]:
-    """Token ids of a conversation ready for the model's reply, as `apply_chat_template` gives."""
-    return tokenizer.apply_chat_template(
-        messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
-    )["input_ids"]
 
 
 def continuation_ids(
@@ -150,7 +144,7 @@ def start_episodes(
     for example in examples:
         env = make_env()
         messages = env.reset(example)
-        ids = prompt_ids(tokenizer, messages, getattr(env, "tools", None))
+        ids = apply_chat_template(tokenizer, messages, tools=getattr(env, "tools", None))
         if len(ids) > limits.max_prompt_len:
             raise ConfigError(
                 f"an environment's first prompt is {len(ids)} tokens, over data.max_prompt_len="

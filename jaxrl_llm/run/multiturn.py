@@ -13,7 +13,6 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxrl_llm import sharding
 from jaxrl_llm.algorithms.batches import SequenceBatch
 from jaxrl_llm.config import Config
 from jaxrl_llm.envs.base import ToolEnvironment
@@ -122,8 +121,7 @@ class EnvRollouts(Rollouts):
         self.last_metrics, self.last_episodes = episode_metrics(episodes), episodes
         if self.reward_fn is None:
             return out, env_R, {}, texts
-        fields = {name: [row.get(name) for row in rows] for name in rows[0] if name != "prompt"}
-        total_R, parts = self.reward_fn([row["prompt"] for row in rows], texts, **fields)
+        total_R, parts = self.score(rows, texts)
         return out, np.asarray(total_R, np.float32) + env_R, parts, texts
 
     def batch(self, params, step: int):
@@ -157,11 +155,10 @@ def conversation_batch(config: Config, policy: Policy, envs: EnvFactory, example
     run_episodes(ReplaySampler(tokenizer, replies, stop_id), episodes, tokenizer, limits(config),
                  jax.random.key(0), envs.pool)
     out = episode_completions(episodes, config, tokenizer.pad_token_id, 1.0)
-    host = sharding.to_host(out)
     return SequenceBatch(
-        tokens_BxT=np.concatenate([host.prompt_tokens_RxP, host.tokens_RxN], axis=1),
-        mask_BxT=np.concatenate([host.prompt_mask_RxP, host.mask_RxN], axis=1),
-        completion_mask_BxT=np.concatenate([np.zeros_like(host.prompt_mask_RxP), host.sampled_mask_RxN], axis=1),
+        tokens_BxT=np.concatenate([out.prompt_tokens_RxP, out.tokens_RxN], axis=1),
+        mask_BxT=np.concatenate([out.prompt_mask_RxP, out.mask_RxN], axis=1),
+        completion_mask_BxT=np.concatenate([np.zeros_like(out.prompt_mask_RxP), out.sampled_mask_RxN], axis=1),
     )
 
 

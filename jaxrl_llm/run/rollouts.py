@@ -61,10 +61,13 @@ class Rollouts:
         texts = tok.decode(self.policy.tokenizer, host.tokens_RxN, host.mask_RxN)
         if self.reward_fn is None:
             return out, None, {}, texts
-        rows = [e for e in prompts for _ in range(sampling.n)]
-        fields = {name: [row.get(name) for row in rows] for name in rows[0] if name != "prompt"}
-        total_R, parts = self.reward_fn([row["prompt"] for row in rows], texts, **fields)
+        total_R, parts = self.score([e for e in prompts for _ in range(sampling.n)], texts)
         return out, total_R, parts, texts
+
+    def score(self, rows: list[dict], texts: list[str]):
+        """(total_R, per-function rewards) of answers `texts` to the examples `rows`, one per row."""
+        fields = {name: [row.get(name) for row in rows] for name in rows[0] if name != "prompt"}
+        return self.reward_fn([row["prompt"] for row in rows], texts, **fields)
 
     def batch(self, params, step: int) -> tuple[RolloutBatch, dict]:
         """The rollout of step `step`'s prompts and its host metrics (reward parts, generation time)."""
