@@ -26,7 +26,9 @@ def main(argv=None) -> int:
         epilog=f"algorithms: {', '.join(ALGORITHMS)} (config key `algorithm`)\n"
                f"presets in configs/: {', '.join(presets())}\n"
                "examples:\n  python train.py\n  python train.py --config configs/dapo.yaml train.total_steps=50\n"
-               "  python train.py --config configs/sft.yaml optim.lr=3e-4 run_dir=runs/my_sft",
+               "  python train.py --config configs/sft.yaml optim.lr=3e-4 run_dir=runs/my_sft\n"
+               "  python train.py run_dir=runs/seeds sweep.seed=[0,1,2,3] sweep.optim.lr=[1e-3,3e-4]"
+               "   # 8 runs, one vmapped program",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", default=os.path.join(CONFIGS, "default.yaml"),
@@ -36,9 +38,14 @@ def main(argv=None) -> int:
 
     def run_training():
         from jaxrl_llm.config import load_config
-        from jaxrl_llm.run import train
+        from jaxrl_llm.config.sweeps import load_sweep
+        from jaxrl_llm.run import train, train_sweep
 
-        train(load_config(args.config, args.overrides))
+        sweep = load_sweep(args.config, args.overrides)
+        if sweep is not None:  # several runs: one vmapped program per structure
+            train_sweep(sweep)
+        else:
+            train(load_config(args.config, args.overrides))
 
     return cli.run(run_training)
 

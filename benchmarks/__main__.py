@@ -1,7 +1,7 @@
 """Run every benchmark, print one table of ours beside the PyTorch stack, update RESULTS.md.
 
     pip install -r benchmarks/requirements.txt    # TRL, the GRPO baseline
-    python -m benchmarks                          # CPU: forward, generate, train_step, grpo_iteration, lora, multiturn
+    python -m benchmarks                          # CPU: every benchmark (forward ... multiturn, sweep)
     python -m benchmarks --gpu                    # the same, sized for one H100/H200, bf16
     python -m benchmarks --only train_step --repeats 3 --no-write
 
@@ -28,10 +28,11 @@ from pathlib import Path
 
 from benchmarks.common import Result, add_model_arguments, print_table, read_result
 
-BENCHMARKS = ("forward", "generate", "train_step", "grpo_iteration", "lora", "multiturn")
+BENCHMARKS = ("forward", "generate", "train_step", "grpo_iteration", "lora", "multiturn", "sweep")
 GOALS = {  # (benchmark, gpu) -> minimum speed ratio, issue 8
     ("generate", False): 5.0, ("generate", True): 10.0,
     ("train_step", False): 1.2, ("grpo_iteration", False): 3.0,
+    ("sweep", False): 3.0, ("sweep", True): 3.0,  # issue 20
 }
 MFU_GOAL = 0.35  # training step on one H100, issue 6
 RESULTS = Path(__file__).parent / "RESULTS.md"

@@ -71,13 +71,16 @@ def _save_failure(directory, step: int, error: Exception) -> str:
     return message + ". The earlier checkpoints are intact; resume with train.resume=true once it is fixed."
 
 
-def restore_latest(manager: ocp.CheckpointManager, template: Any) -> tuple[int, Any, dict] | None:
-    """(step, state, meta) of the newest checkpoint that restores, restored like `template`; None if
-    there is none. An unreadable one (truncated, without its metadata) is skipped with a warning
-    naming it; when none restores, one CheckpointError gives each one's reason."""
+def restore_latest(
+    manager: ocp.CheckpointManager, template: Any, at_most: int | None = None
+) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) of the newest checkpoint (at most step `at_most`) that restores, restored
+    like `template`; None if there is none. An unreadable one (truncated, without its metadata) is
+    skipped with a warning naming it; when none restores, one CheckpointError gives each one's reason."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
     failures = []
-    for step in sorted(manager.all_steps(), reverse=True):
+    steps = [step for step in manager.all_steps() if at_most is None or step <= at_most]
+    for step in sorted(steps, reverse=True):
         try:
             restored = manager.restore(
                 step,

@@ -314,6 +314,45 @@ def generate(params, prompts, key, config: SamplingConfig, model_config: ModelCo
     return _generate(params, tokens_BxP, mask_BxP, key, config, model_config, mesh)
 
 
+def generate_runs(params, batched, prompts: list, keys: list, config: SamplingConfig,
+                  model_config: ModelConfig, mesh=None, run_axis: str = "vmap") -> list[Completions]:
+    """`generate` for N models in one compiled call (a sweep's runs): `params` leaves where `batched`
+    (a matching tree of bools) is True carry a leading run axis, the others are shared by every run
+    (a LoRA sweep's base); `prompts[i]` (token-id lists) and `keys[i]` are run i's. Every run's prompts
+    are left-padded to one width; run i's rows are `generate`'s with params i, prompts i and key i.
+    `run_axis`: vmap (the runs' rows decode together) or map (one run after another, `lax.map`)."""
+    padded = [pad_prompts(list(p), config, model_config) for p in prompts]
+    width = max(tokens.shape[1] for tokens, _ in padded)
+    widen_left = lambda x, value: jnp.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)
+    tokens_NxBxP = jnp.stack([widen_left(tokens, config.pad_token_id) for tokens, _ in padded])
+    mask_NxBxP = jnp.stack([widen_left(mask, 0) for _, mask in padded])
+    leaves, treedef = jax.tree.flatten(params)
+    flags = treedef.flatten_up_to(batched)
+    shared = [None if flag else leaf for leaf, flag in zip(leaves, flags)]
+    stacked = [leaf if flag else None for leaf, flag in zip(leaves, flags)]
+    out = _generate_runs(
+        shared, stacked, tokens_NxBxP, mask_NxBxP, jnp.stack(keys), treedef, config, model_config, mesh, run_axis
+    )
+    out = sharding.to_host(out)  # one transfer, then each run's rows are NumPy views
+    return [jax.tree.map(operator.itemgetter(i), out) for i in range(len(prompts))]
+
+
+@jax.jit(static_argnames=("treedef", "config", "model_config", "mesh", "run_axis"))
+def _generate_runs(shared, stacked, tokens_NxBxP, mask_NxBxP, keys_N, treedef, config, model_config, mesh=None,
+                   run_axis="vmap"):
+    def one(args):
+        stacked_i, tokens_BxP, mask_BxP, key = args
+        params = treedef.unflatten([s if s is not None else b for s, b in zip(shared, stacked_i)])
+        return _decode(params, tokens_BxP, mask_BxP, key, config, model_config)
+
+    runs = (stacked, tokens_NxBxP, mask_NxBxP, keys_N)
+    over_runs = (lambda: jax.vmap(one)(runs)) if run_axis == "vmap" else (lambda: jax.lax.map(one, runs))
+    if mesh is None:
+        return over_runs()
+    with sharding.mesh_context(mesh):
+        return over_runs()
+
+
 def compiled_variants() -> int:
     """How many shapes/configs the jitted generation core has been compiled for in this process."""
     return _generate._cache_size()

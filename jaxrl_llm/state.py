@@ -70,7 +70,8 @@ def make_optimizer(
         learning_rate_schedule(lr, total_steps, schedule, warmup_steps),
         b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
     )
-    if grad_clip is None or grad_clip <= 0:
+    # A traced norm (a sweep's) is on: a sweep puts runs without clipping in a program of their own.
+    if grad_clip is None or (not isinstance(grad_clip, jax.core.Tracer) and grad_clip <= 0):
         return adamw
     return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)
 

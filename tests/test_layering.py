@@ -8,15 +8,15 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxrl_llm"
 # Lowest first; a module may import modules of its own layer (without cycles) or of a lower one.
 LAYERS = (
     ("errors", "padding", "core"),
-    ("models", "tokenizer", "rewards", "state", "metrics", "checkpoint"),
+    ("models", "tokenizer", "rewards", "state", "metrics", "checkpoint", "compare"),
     ("data",),
     ("config",),
     ("sampling", "sharding"),
     ("algorithms", "envs"),
     ("run",),
-    ("cli", "eval", "plot", "__init__"),
+    ("cli", "eval", "plot", "sweep", "__init__"),
 )
-COMMAND_LINES = ("jaxrl_llm.cli", "jaxrl_llm.eval", "jaxrl_llm.plot", "jaxrl_llm")
+COMMAND_LINES = ("jaxrl_llm.cli", "jaxrl_llm.eval", "jaxrl_llm.plot", "jaxrl_llm.sweep", "jaxrl_llm")
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -55,8 +55,8 @@ class GRPOState(struct.PyTreeNode):
 
 
 def uses_reference(cfg: GRPOSection) -> bool:
-    """Whether the KL term, and so a reference model, is active."""
-    return cfg.kl_coef > 0 and cfg.kl_placement != "none"
+    """Whether the KL term, and so a reference model, is active (a traced β, a sweep's, may be > 0)."""
+    return cfg.kl_placement != "none" and (isinstance(cfg.kl_coef, jax.core.Tracer) or cfg.kl_coef > 0)
 
 
 def advantages(cfg: GRPOSection, rewards_R: jax.Array, mask_RxT: jax.Array) -> jax.Array:

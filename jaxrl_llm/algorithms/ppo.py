@@ -118,9 +118,8 @@ def make_ppo_step(
             score_R = score_R + scalar_scores(state.reward_params, reward_config, batch.tokens_RxT, batch.mask_RxT)[1]
         if cfg.reward_clip is not None:
             score_R = jnp.clip(score_R, -cfg.reward_clip, cfg.reward_clip)
-        rewards_RxT = ppo_token_rewards(
-            score_R, kl_RxT, mask_RxT, beta, batch.truncated_R, cfg.missing_stop_penalty or 0.0
-        )
+        penalty = 0.0 if cfg.missing_stop_penalty is None else cfg.missing_stop_penalty  # a sweep's may be traced
+        rewards_RxT = ppo_token_rewards(score_R, kl_RxT, mask_RxT, beta, batch.truncated_R, penalty)
         if batch.token_rewards_RxT is not None:  # per-turn rewards, each at its turn's last token
             rewards_RxT = rewards_RxT + batch.token_rewards_RxT * mask_RxT
         old_values_RxT = values_of(state.critic.model_params(), batch)

@@ -213,6 +213,8 @@ def _apply_override(values: dict, override: str) -> dict:
     except yaml.YAMLError as error:
         raise ConfigError(f"override {override!r}: the value is not valid YAML: {error}") from None
     parts = key.strip().split(".")
+    if parts[0] == "sweep" and len(parts) > 2:  # sweep.optim.lr=[...]: one axis, named by its whole path
+        parts = ["sweep", ".".join(parts[1:])]
     if _is_text_field(parts) and value is not None and not isinstance(value, str):
         value = text.strip()  # run_dir=2024 means the text, not the number
     return _merge(values, _nest(parts, value))
@@ -258,10 +260,18 @@ def _move_renamed(values: dict) -> dict:
     return values
 
 
-def load_config(path: str | None = None, overrides=(), max_positions: int | None = None) -> Config:
-    """A validated Config from a YAML preset (or the defaults) and `key.sub=value` overrides."""
+def load_values(path: str | None = None, overrides=()) -> dict:
+    """The nested mapping of a YAML preset (or {}) with `key.sub=value` overrides laid over it."""
     values = _read_preset(path) if path else {}
     for override in overrides:
         values = _apply_override(values, override)
-    return validate(config_from_dict(_move_renamed(values)), max_positions)
+    return _move_renamed(values)
+
+
+def load_config(path: str | None = None, overrides=(), max_positions: int | None = None) -> Config:
+    """A validated Config from a YAML preset (or the defaults) and `key.sub=value` overrides."""
+    values = load_values(path, overrides)
+    if "sweep" in values:
+        raise ConfigError("this config declares a sweep (several runs); load it with config.load_sweep.")
+    return validate(config_from_dict(values), max_positions)
 

@@ -83,6 +83,14 @@ def train(
 
 def sft_warmup(config: Config, policy: Policy, quiet: bool, on_event: Events | None = None) -> Policy:
     """The SFT warm start of an RL run, in RUN_DIR/sft_warmup (resumed, or reused when finished)."""
+    warm = warmup_config(config)
+    if not quiet:
+        print(f"SFT warm start: {config.train.sft_warmup_steps} steps in {warm.run_dir}")
+    return train(warm, policy, quiet, on_event).policy
+
+
+def warmup_config(config: Config) -> Config:
+    """The SFT run of `config`'s warm start, refused when RUN_DIR/sft_warmup holds a longer one."""
     t = config.train
     warm = dataclasses.replace(
         config, algorithm="sft", run_dir=os.path.join(config.run_dir, "sft_warmup"),
@@ -102,9 +110,7 @@ def sft_warmup(config: Config, policy: Policy, quiet: bool, on_event: Events | N
             f"{t.sft_warmup_steps}; set train.sft_warmup_steps={done.train.total_steps} to reuse it, or delete "
             f"{warm.run_dir} (or choose another run_dir) to train a new one."
         )
-    if not quiet:
-        print(f"SFT warm start: {t.sft_warmup_steps} steps in {warm.run_dir}")
-    return train(warm, policy, quiet, on_event).policy
+    return warm
 
 
 def compiled(config: Config, phase: Phase, policy: Policy):

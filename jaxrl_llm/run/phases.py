@@ -41,6 +41,11 @@ class Phase:
     policy_params: Callable[[Any], Any]  # the trained model's whole params (with LoRA: base + adapters)
     evaluate: Callable[[Any], dict] | None = None
     model_configs: tuple = ()  # every architecture in the state (PPO: critic, reward model), for placement
+    # The step and each TrainState's optimizer (in tree order) under another config of the same
+    # structure: a sweep traces them with each run's numbers (`config.sweeps.VMAPPED`) as arrays.
+    step_of: Callable[[Config], Callable] | None = None
+    optimizers_of: Callable[[Config], list] | None = None
+    rollouts: Any = None  # what samples the batches of an RL phase (`run.rollouts.Rollouts`)
 
 
 def decay_steps(config: Config) -> int:
@@ -65,7 +70,7 @@ def policy_state(config: Config, policy: Policy) -> TrainState:
 
 def sft_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: list[dict]) -> Phase:
     """Masked next-token training on prompt/completion examples."""
-    step = make_sft_step(policy.config, num_microbatches=config.train.grad_accum)
+    step_of = lambda c: make_sft_step(policy.config, num_microbatches=c.train.grad_accum)
     tokenizer = policy.tokenizer
 
     # With an environment the references are tool-use conversations whose loss sees the model's turns.
@@ -83,17 +88,23 @@ def sft_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
         score_tokens(params, policy.config, b.tokens_BxT, b.mask_BxT), b.completion_mask_BxT
     ))
 
-    def evaluate(state):
-        return {"eval/loss": eval_loss(state.model_params(), batch_of(eval_set))}
+    eval_batch = []  # built at the first evaluation, then reused
 
-    return Phase(policy_state(config, policy), step, make_batch, lambda st: st.model_params(), evaluate)
+    def evaluate(state):
+        eval_batch[:] = eval_batch or [batch_of(eval_set)]
+        return {"eval/loss": eval_loss(state.model_params(), eval_batch[0])}
+
+    return Phase(
+        policy_state(config, policy), step_of(config), make_batch, lambda st: st.model_params(), evaluate,
+        step_of=step_of, optimizers_of=lambda c: [optimizer(c)],
+    )
 
 
 def rm_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: list[dict]) -> Phase:
     """Bradley–Terry training of a scalar head on the policy's backbone."""
     key = jax.random.fold_in(stream_key(config.seed, INIT), 1)
     trained, frozen = scalar_parts(policy.params, policy.config, key)
-    step = make_rm_step(policy.config, config.rm, config.train.grad_accum)
+    step_of = lambda c: make_rm_step(policy.config, c.rm, c.train.grad_accum)
     evaluate_pairs = jax.jit(make_rm_eval(policy.config))
     tokenizer = policy.tokenizer
 
@@ -105,12 +116,15 @@ def rm_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: li
         return {"eval/accuracy": out["accuracy"], "eval/margin": out["margin"], "eval/loss": out["loss"]}
 
     state = TrainState.create(trained, optimizer(config), frozen)
-    return Phase(state, step, make_batch, lambda st: st.model_params(), evaluate)
+    return Phase(
+        state, step_of(config), make_batch, lambda st: st.model_params(), evaluate,
+        step_of=step_of, optimizers_of=lambda c: [optimizer(c)],
+    )
 
 
 def dpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: list[dict]) -> Phase:
     """DPO against the frozen reference (the starting policy unless model.ref_path is set)."""
-    step = make_dpo_step(policy.config, config.dpo, config.train.grad_accum)
+    step_of = lambda c: make_dpo_step(policy.config, c.dpo, c.train.grad_accum)
     tokenizer = policy.tokenizer
 
     def make_batch(state, s):
@@ -128,7 +142,10 @@ def dpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
         return eval_jit(state.policy.model_params(), ref, pair_batch(tokenizer, eval_set, config))
 
     state = DPOState(policy=policy_state(config, policy), ref_params=reference_params(config, policy))
-    return Phase(state, step, make_batch, lambda st: st.policy.model_params(), evaluate)
+    return Phase(
+        state, step_of(config), make_batch, lambda st: st.policy.model_params(), evaluate,
+        step_of=step_of, optimizers_of=lambda c: [optimizer(c)],
+    )
 
 
 def grpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: list[dict]) -> Phase:
@@ -136,15 +153,16 @@ def grpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: 
     g = config.grpo
     ref = reference_params(config, policy) if uses_reference(g) else None
     answer_len = config.env.max_tokens if config.env.enabled else config.data.max_completion_len
-    step = make_grpo_step(policy.config, g, config.train.grad_accum, answer_len)
+    step_of = lambda c: make_grpo_step(policy.config, c.grpo, c.train.grad_accum, answer_len)
     # None: an environment class's own rewards are the whole reward (config.checks).
     reward = reward_function(config, policy, g.reward_functions, g.reward_weights) if g.reward_functions else None
     rollouts = rollouts_of(config)(config, policy, train_set, g.group_size, reward, dynamic=g.dynamic_sampling)
     state = GRPOState(policy=policy_state(config, policy), ref_params=ref)
     return Phase(
-        state, step, lambda st, s: rollouts.batch(st.policy.model_params(), s),
+        state, step_of(config), lambda st, s: rollouts.batch(st.policy.model_params(), s),
         lambda st: st.policy.model_params(),
         lambda st: rollouts.evaluate(st.policy.model_params(), eval_set),
+        step_of=step_of, optimizers_of=lambda c: [optimizer(c)], rollouts=rollouts,
     )
 
 
@@ -168,8 +186,8 @@ def ppo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
             actor.params if actor.frozen is None else actor.frozen, policy.config, key
         )
     reward_config = reward_model.config if reward_model else None
-    step = make_ppo_step(
-        policy.config, config.ppo, config.train.grad_accum, critic_config=critic_config, reward_config=reward_config,
+    step_of = lambda c: make_ppo_step(
+        policy.config, c.ppo, c.train.grad_accum, critic_config=critic_config, reward_config=reward_config,
     )
     rollouts = rollouts_of(config)(config, policy, train_set, 1, None)
     evaluator = rollouts
@@ -181,8 +199,10 @@ def ppo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
     reward_params = own_copy(reward_model.params) if reward_model else None
     state = PPOState.create(actor, critic_state, reference_params(config, policy), reward_params, config.ppo.kl_coef)
     return Phase(
-        state, step, lambda st, s: rollouts.batch(st.actor.model_params(), s),
+        state, step_of(config), lambda st, s: rollouts.batch(st.actor.model_params(), s),
         lambda st: st.actor.model_params(),
         lambda st: evaluator.evaluate(st.actor.model_params(), eval_set),
         tuple(c for c in (policy.config, critic_config, reward_config) if c is not None),
+        step_of=step_of, optimizers_of=lambda c: [optimizer(c), optimizer(c, lr=c.optim.critic_lr)],
+        rollouts=rollouts,
     )

@@ -57,28 +57,40 @@ class Rollouts:
         out = generate(
             params, [e["prompt_ids"] for e in prompts], key, sampling, self.policy.config, run_mesh(self.config)
         )
+        return (out, *self.scored(prompts, out, sampling.n))
+
+    def scored(self, prompts: list[dict], out: Completions, n: int):
+        """(rewards [R] or None, per-function rewards, texts) of `prompts`' sampled answers, n each."""
         host = sharding.to_host(out)
         texts = tok.decode(self.policy.tokenizer, host.tokens_RxN, host.mask_RxN)
         if self.reward_fn is None:
-            return out, None, {}, texts
-        total_R, parts = self.score([e for e in prompts for _ in range(sampling.n)], texts)
-        return out, total_R, parts, texts
+            return None, {}, texts
+        total_R, parts = self.score([e for e in prompts for _ in range(n)], texts)
+        return total_R, parts, texts
 
     def score(self, rows: list[dict], texts: list[str]):
         """(total_R, per-function rewards) of answers `texts` to the examples `rows`, one per row."""
         fields = {name: [row.get(name) for row in rows] for name in rows[0] if name != "prompt"}
         return self.reward_fn([row["prompt"] for row in rows], texts, **fields)
 
-    def batch(self, params, step: int) -> tuple[RolloutBatch, dict]:
-        """The rollout of step `step`'s prompts and its host metrics (reward parts, generation time)."""
+    def step_prompts(self, step: int) -> tuple[list[dict], jax.Array]:
+        """(prompts, sampling key) of step `step`: functions of (seed, step) alone."""
         P = self.config.data.batch_size // self.group_size
         key = jax.random.fold_in(stream_key(self.config.seed, ROLLOUT), step)
+        return step_rows(self.examples, P, step, self.config), key
+
+    def batch(self, params, step: int) -> tuple[RolloutBatch, dict]:
+        """The rollout of step `step`'s prompts and its host metrics (reward parts, generation time)."""
         start = time.perf_counter()
-        prompts = step_rows(self.examples, P, step, self.config)
+        prompts, key = self.step_prompts(step)
         out, total_R, parts, _ = self.sample(params, prompts, key)
+        return self.finish(lambda: params, prompts, out, total_R, parts, step, start)
+
+    def finish(self, params_of, prompts, out: Completions, total_R, parts: dict, step: int, start: float):
+        """`batch`'s result from the first round's samples; DAPO's further rounds sample with `params_of()`."""
         host = {f"reward/{name}": float(np.mean(v)) for name, v in parts.items()}
         if self.dynamic:
-            out, total_R, host["dynamic_sampling/tries"] = self._dynamic(params, prompts, out, total_R, step)
+            out, total_R, host["dynamic_sampling/tries"] = self._dynamic(params_of(), prompts, out, total_R, step)
         host["time/generation"] = time.perf_counter() - start
         sampled = out.lengths_R if out.sampled_mask_RxN is None else out.sampled_mask_RxN
         host["tokens/generated"] = float(np.sum(sharding.to_host(sampled)))
