@@ -174,9 +174,13 @@ def plot_sweep(run_dir: str, out: str, names: list[str]) -> str:
     names = [name for name in names if any(name in row for rows in rows_of.values() for row in rows)]
     if not names:
         raise ValueError(f"no run of {run_dir} logged any of the metrics to plot.")
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, name in zip(axes[0], names):
+    for ax in axes.flat[len(names):]:
+        ax.remove()
+    for ax, name in zip(axes.flat, names):
         for color, (config_name, runs) in zip(itertools.cycle(colors), groups.items()):
             curves = []
             for run in runs:
@@ -194,8 +198,8 @@ def plot_sweep(run_dir: str, out: str, names: list[str]) -> str:
             ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.2)
         ax.set_title(name)
         ax.set_xlabel("step")
-    axes[0][0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=90)
     plt.close(fig)
     return out

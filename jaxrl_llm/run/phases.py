@@ -41,8 +41,8 @@ class Phase:
     policy_params: Callable[[Any], Any]  # the trained model's whole params (with LoRA: base + adapters)
     evaluate: Callable[[Any], dict] | None = None
     model_configs: tuple = ()  # every architecture in the state (PPO: critic, reward model), for placement
-    # The step and each TrainState's optimizer (in tree order) under another config of the same
-    # structure: a sweep traces them with each run's numbers (`config.sweeps.VMAPPED`) as arrays.
+    # The step and each TrainState's optimizer (in tree order; None: the one policy's `optimizer`) under
+    # another config of the same structure: a sweep traces them with each run's numbers as arrays.
     step_of: Callable[[Config], Callable] | None = None
     optimizers_of: Callable[[Config], list] | None = None
     rollouts: Any = None  # what samples the batches of an RL phase (`run.rollouts.Rollouts`)
@@ -96,7 +96,7 @@ def sft_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
 
     return Phase(
         policy_state(config, policy), step_of(config), make_batch, lambda st: st.model_params(), evaluate,
-        step_of=step_of, optimizers_of=lambda c: [optimizer(c)],
+        step_of=step_of,
     )
 
 
@@ -118,7 +118,7 @@ def rm_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: li
     state = TrainState.create(trained, optimizer(config), frozen)
     return Phase(
         state, step_of(config), make_batch, lambda st: st.model_params(), evaluate,
-        step_of=step_of, optimizers_of=lambda c: [optimizer(c)],
+        step_of=step_of,
     )
 
 
@@ -144,7 +144,7 @@ def dpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
     state = DPOState(policy=policy_state(config, policy), ref_params=reference_params(config, policy))
     return Phase(
         state, step_of(config), make_batch, lambda st: st.policy.model_params(), evaluate,
-        step_of=step_of, optimizers_of=lambda c: [optimizer(c)],
+        step_of=step_of,
     )
 
 
@@ -162,7 +162,7 @@ def grpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: 
         state, step_of(config), lambda st, s: rollouts.batch(st.policy.model_params(), s),
         lambda st: st.policy.model_params(),
         lambda st: rollouts.evaluate(st.policy.model_params(), eval_set),
-        step_of=step_of, optimizers_of=lambda c: [optimizer(c)], rollouts=rollouts,
+        step_of=step_of, rollouts=rollouts,
     )
 
 

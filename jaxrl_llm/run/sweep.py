@@ -37,7 +37,7 @@ from jaxrl_llm.run import outputs, registry, resume
 from jaxrl_llm.run.examples import prepare_examples
 from jaxrl_llm.run.keys import STEP, stream_key
 from jaxrl_llm.run.loop import CONSOLE_METRICS, Events, RunResult, _finite_or_raise, _progress, warmup_config
-from jaxrl_llm.run.phases import Phase, decay_steps
+from jaxrl_llm.run.phases import Phase, decay_steps, optimizer
 from jaxrl_llm.run.policy import Policy, load_policy, run_mesh
 from jaxrl_llm.run.rollouts import Rollouts
 from jaxrl_llm.run.stops import StopRequests
@@ -277,13 +277,14 @@ class VmappedRuns:
         passthrough = [out is inp for inp, out in zip(ins, outs)]
         self.stack(passthrough)
         txs = [node.tx for node in _train_states(one)]
+        optimizers_of = phase.optimizers_of or (lambda c: [optimizer(c)])
         treedef, batched = self.treedef, self.batched
 
         def one_run(batched_leaves, shared_leaves, batch, key, numbers):
             leaves = [s if b is None else b for s, b in zip(shared_leaves, batched_leaves)]
             state = treedef.unflatten(leaves)
             run_config = with_numbers(config, numbers)
-            state = _with_optimizers(state, phase.optimizers_of(run_config))
+            state = _with_optimizers(state, optimizers_of(run_config))
             new_state, metrics = phase.step_of(run_config)(state, batch, key)
             new_state = _with_optimizers(new_state, txs)
             return [x for x, b in zip(jax.tree.leaves(new_state), batched) if b], metrics
