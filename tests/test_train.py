@@ -23,6 +23,7 @@ from jaxrl_llm.run.outputs import finish
 from jaxrl_llm.run.phases import sft_phase
 from jaxrl_llm.run.policy import load_policy
 from jaxrl_llm.run.registry import ALGORITHMS
+from jaxrl_llm.run.sweep import train_runs
 
 SFT_FIELDS = ALGORITHMS["sft"].fields
 
@@ -144,11 +145,25 @@ def test_rlhf_pipeline_sft_rm_ppo_and_dpo(tmp_path):
     sft_hf = os.path.join(sft.run_dir, "hf")
     rm = train(config("rm", tmp_path / "rm", f"model.source={sft_hf}", "train.export_hf=true", *short), quiet=True)
     assert "eval/accuracy" in rows(rm.run_dir)[-1]
-    ppo = train(config(
+    ppo_config = config(
         "ppo", tmp_path / "ppo", f"model.source={sft_hf}", f"model.reward_model_path={os.path.join(rm.run_dir, 'hf')}",
         "ppo.epochs=1", *short,
-    ), quiet=True)
+    )
+    ppo = train(ppo_config, quiet=True)
     last = rows(ppo.run_dir)[-1]
+    # The same run in a sweep over the critic's lr and β (actor, critic, reference and reward model in
+    # one program; the frozen ones kept once) equals it, metric for metric.
+    sweep = train_runs(
+        [dataclasses.replace(ppo_config, run_dir=str(tmp_path / "sweep" / name),
+                             optim=dataclasses.replace(ppo_config.optim, critic_lr=lr),
+                             ppo=dataclasses.replace(ppo_config.ppo, kl_coef=beta))
+         for name, lr, beta in (("same", ppo_config.optim.critic_lr, ppo_config.ppo.kl_coef), ("other", 1e-3, 0.2))],
+        str(tmp_path / "sweep"), run_axis="map", quiet=True,
+    )
+    assert [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))}
+            for r in rows(sweep.runs[0].run_dir)] == [
+            {k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s"))} for r in rows(ppo.run_dir)]
+    assert rows(sweep.runs[1].run_dir)[-1]["vf_loss"] != last["vf_loss"]
     for name in ("pg_loss", "vf_loss", "score/mean", "score/std", "reward/mean", "kl", "entropy", "clipfrac",
                  "approx_kl", "explained_variance", "value_clipfrac", "response_length/mean", "response_length/max",
                  "truncated_fraction", "grad_norm/actor", "grad_norm/critic", "lr", "tokens_per_s", "time/generation",
