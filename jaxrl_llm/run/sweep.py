@@ -55,8 +55,8 @@ class SweepResult:
 
 
 def train_sweep(sweep: Sweep, quiet: bool = False, on_event: Events | None = None) -> SweepResult:
-    """Train every run of `sweep`: one vmapped program per structure, in chunks of `sweep.parallel`
-    runs (0: as many as are estimated to fit), then the sweep's plot and paired comparison."""
+    """Train every run of `sweep`: one program per structure, in chunks of `sweep.parallel` runs (0: as
+    many as are estimated to fit), then the sweep's plot and paired comparison."""
     return train_runs(
         sweep.runs(), sweep.base.run_dir, sweep.settings(), sweep.parallel, sweep.run_axis, quiet, on_event
     )
@@ -72,6 +72,8 @@ def train_runs(
     settings = settings or [{"run": i} for i in range(len(configs))]
     configs = [_checked(one_device(c), setting) for c, setting in zip(configs, settings)]
     programs = group_by_structure(configs)
+    if jax.device_count() > 1 and not quiet:
+        print(f"sweep: every program runs on one device of {jax.device_count()} (the run axis is not split yet)")
     outputs.writable(run_dir)
     write_index(run_dir, configs, settings, programs)
     results: list[RunResult | None] = [None] * len(configs)
