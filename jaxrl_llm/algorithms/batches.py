@@ -61,6 +61,9 @@ class RolloutBatch:
     # Rewards at given tokens (an environment's per-turn rewards at each turn's last token), which PPO
     # adds to its per-token rewards; None: the whole reward is rewards_R.
     token_rewards_RxT: jax.Array | None = None
+    # The sampler's log-probs of the tokens (0 off the completion), which the rollout correction and
+    # the mismatch metrics compare with the trainer's; None: not recorded (a batch built by hand).
+    rollout_logp_RxT: jax.Array | None = None
 
     @classmethod
     def from_completions(cls, completions: Completions, rewards_R: jax.Array | None = None) -> "RolloutBatch":
@@ -80,6 +83,9 @@ class RolloutBatch:
             rewards_R=jnp.zeros((R,), jnp.float32) if rewards_R is None else jnp.asarray(rewards_R, jnp.float32),
             truncated_R=jnp.asarray(c.truncated_R),
             temperature=c.logp_temperature,
+            rollout_logp_RxT=jnp.concatenate(
+                [jnp.zeros(prompt_mask_RxP.shape, jnp.float32), jnp.asarray(c.logp_RxN, jnp.float32)], axis=1
+            ),
         )
 
     @property

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from jaxrl_llm.algorithms.batches import RolloutBatch
 from jaxrl_llm.core import chunked_full_kl, chunked_token_logprobs
+from jaxrl_llm.core.correction import Correction, corrected
 from jaxrl_llm.models.transformer import (
     ModelConfig,
     ScalarModel,
@@ -114,6 +115,21 @@ def rollout_scores(
     )
     logp_RxT, entropy_RxT = scored if with_entropy else (scored, None)
     return hidden_RxTxD, logp_RxT, entropy_RxT
+
+
+def rollout_correction(train_logp_RxT: jax.Array, batch: RolloutBatch, correction: Correction) -> tuple[dict, dict]:
+    """(targets, metrics) of the rollout/trainer mismatch: the mismatch metrics whenever the batch
+    carries the sampler's log-probs; with a correction on, targets `is_weight_RxT` (TIS) and
+    `keep_RxT` (the loss mask after MIS) for the policy-gradient loss."""
+    if batch.rollout_logp_RxT is None:
+        return {}, {}
+    weights_RxT, keep_RxT, metrics = corrected(
+        train_logp_RxT, batch.rollout_logp_RxT, batch.completion_mask_RxT, correction
+    )
+    targets = {"is_weight_RxT": weights_RxT} if correction.is_level != "none" else {}
+    if correction.mask_level != "none":
+        targets["keep_RxT"] = keep_RxT
+    return targets, metrics
 
 
 def update_rows(key: jax.Array, num_rows: int, num_minibatches: int, passes: int) -> jax.Array:

@@ -28,6 +28,7 @@ from jaxrl_llm.algorithms.common import (
     hidden_full_kl,
     reduce_metrics,
     reference_of,
+    rollout_correction,
     rollout_scores,
     update_rows,
 )
@@ -42,6 +43,7 @@ from jaxrl_llm.core import (
     reinforce_plus_plus_baseline,
     rloo_advantages,
 )
+from jaxrl_llm.core.correction import NO_CORRECTION, Correction, corrected
 from jaxrl_llm.models.transformer import ModelConfig
 from jaxrl_llm.state import TrainState
 
@@ -70,16 +72,19 @@ def advantages(cfg: GRPOSection, rewards_R: jax.Array, mask_RxT: jax.Array) -> j
 
 def make_grpo_step(
     model_config: ModelConfig, cfg: GRPOSection, num_microbatches: int = 1,
-    max_completion_len: int | None = None, chunk_size: int | None = None,
+    max_completion_len: int | None = None, chunk_size: int | None = None, correction: Correction = NO_CORRECTION,
 ) -> Callable[[GRPOState, RolloutBatch, jax.Array], tuple[GRPOState, dict]]:
     """`step(state, batch, key) -> (state, metrics)` on a `RolloutBatch` of prompts × G samples.
 
     `max_completion_len` is Dr. GRPO's constant L and DAPO's L_max (default: the row width T).
+    `correction`: TIS / MIS against the sampler's log-probs (`core.correction`), whose mismatch
+    metrics are logged whenever the batch carries them.
     """
     with_ref = uses_reference(cfg)
     # With one update per rollout the policy being trained is the rollout's, so its own detached
-    # log-probs are the old ones and the separate scoring pass can go (TRL does the same).
-    reuse_logp = cfg.num_iterations == 1 and cfg.num_minibatches == 1 and not (
+    # log-probs are the old ones and the separate scoring pass can go (TRL does the same). MIS needs
+    # them first: the tokens it drops leave the loss's normaliser.
+    reuse_logp = cfg.num_iterations == 1 and cfg.num_minibatches == 1 and correction.mask_level == "none" and not (
         with_ref and cfg.kl_placement == "reward"
     )
     full_kl = cfg.kl_estimator == "full"
@@ -110,6 +115,8 @@ def make_grpo_step(
         if not reuse_logp:
             old_hidden_RxTxD, old_logp_RxT, _ = jax.lax.stop_gradient(scored(state.policy.model_params(), batch))
             targets["old_logp_RxT"] = old_logp_RxT
+            correction_targets, metrics = rollout_correction(old_logp_RxT, batch, correction)
+            targets.update(correction_targets)
         rewards_R = batch.rewards_R
         if with_ref:
             ref_hidden_RxTxD, ref_logp_RxT, _ = scored(ref_params, batch)
@@ -133,11 +140,14 @@ def make_grpo_step(
         def loss_fn(params, micro, rng, normalizer):
             rows, row_targets = micro
             hidden_RxTxD, logp_RxT, entropy_RxT = scored(params, rows, with_entropy=True, rng=rng)
-            mask_RxT = rows.completion_mask_RxT
+            mask_RxT = row_targets.get("keep_RxT", rows.completion_mask_RxT)
             old_logp_RxT = jax.lax.stop_gradient(logp_RxT) if reuse_logp else row_targets["old_logp_RxT"]
+            is_weight_RxT, mismatch = row_targets.get("is_weight_RxT", 1.0), {}
+            if reuse_logp and rows.rollout_logp_RxT is not None:
+                is_weight_RxT, _, mismatch = corrected(old_logp_RxT, rows.rollout_logp_RxT, mask_RxT, correction)
             pg_RxT, out = policy_loss(logp_RxT, old_logp_RxT, row_targets["adv"], mask_RxT, cfg.loss, **loss_kwargs)
-            loss = aggregate(pg_RxT, mask_RxT, cfg.aggregation, normalizer, max_len=max_len)
-            out = {**out, "pg_loss": loss, "entropy": aggregate(entropy_RxT, mask_RxT)}
+            loss = aggregate(pg_RxT * is_weight_RxT, mask_RxT, cfg.aggregation, normalizer, max_len=max_len)
+            out = {**out, **mismatch, "pg_loss": loss, "entropy": aggregate(entropy_RxT, mask_RxT)}
             if with_ref and cfg.kl_placement == "loss":
                 kl_RxT = token_kl(
                     params, rows, hidden_RxTxD, logp_RxT, row_targets.get("ref_hidden_RxTxD"),
@@ -152,7 +162,8 @@ def make_grpo_step(
         def one_update(policy, indexed):
             index, rows_S = indexed
             minibatch = jax.tree.map(lambda x: x[rows_S], (batch, targets))
-            normalizer = loss_normalizer(minibatch[0].completion_mask_RxT, cfg.aggregation)
+            loss_mask_RxT = minibatch[1].get("keep_RxT", minibatch[0].completion_mask_RxT)
+            normalizer = loss_normalizer(loss_mask_RxT, cfg.aggregation)
             loss, grads, out = accumulate_gradients(
                 lambda p, micro, rng: loss_fn(policy.model_params(p), micro, rng, normalizer), policy.params,
                 minibatch, num_microbatches, jax.random.fold_in(dropout_key, index),

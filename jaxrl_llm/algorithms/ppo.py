@@ -31,6 +31,7 @@ from jaxrl_llm.algorithms.common import (
     hidden_full_kl,
     reduce_metrics,
     reference_of,
+    rollout_correction,
     rollout_scores,
     scalar_scores,
     shift_right,
@@ -49,6 +50,7 @@ from jaxrl_llm.core import (
     value_loss,
     whiten,
 )
+from jaxrl_llm.core.correction import NO_CORRECTION, Correction
 from jaxrl_llm.models.transformer import ModelConfig
 from jaxrl_llm.state import TrainState
 
@@ -81,9 +83,10 @@ def explained_variance(values_RxT: jax.Array, returns_RxT: jax.Array, mask_RxT: 
 def make_ppo_step(
     model_config: ModelConfig, cfg: PPOSection, num_microbatches: int = 1,
     critic_config: ModelConfig | None = None, reward_config: ModelConfig | None = None,
-    chunk_size: int | None = None,
+    chunk_size: int | None = None, correction: Correction = NO_CORRECTION,
 ) -> Callable[[PPOState, RolloutBatch, jax.Array], tuple[PPOState, dict]]:
-    """`step(state, batch, key) -> (state, metrics)` on a `RolloutBatch`, scored at its temperature."""
+    """`step(state, batch, key) -> (state, metrics)` on a `RolloutBatch`, scored at its temperature;
+    `correction` (TIS / MIS against the sampler's log-probs) acts on the actor's loss alone."""
     critic_config = critic_config or model_config
     reward_config = reward_config or model_config
     full_kl = cfg.kl_estimator == "full"
@@ -130,16 +133,18 @@ def make_ppo_step(
             "old_logp_RxT": old_logp_RxT, "old_values_RxT": old_values_RxT, "adv_RxT": adv_RxT,
             "returns_RxT": returns_RxT,
         }
+        correction_targets, mismatch = rollout_correction(old_logp_RxT, batch, correction)
+        targets.update(correction_targets)
 
         def actor_loss(params, micro, rng, normalizer):
             rows, row_targets = micro
             _, logp_RxT, entropy_RxT = scored(params, rows, with_entropy=True, rng=rng)
-            m_RxT = rows.completion_mask_RxT
+            m_RxT = row_targets.get("keep_RxT", rows.completion_mask_RxT)
             pg_RxT, out = policy_loss(
                 logp_RxT, row_targets["old_logp_RxT"], row_targets["adv_RxT"], m_RxT, "ppo",
                 eps_low=cfg.eps, eps_high=cfg.eps,
             )
-            pg_loss = aggregate(pg_RxT, m_RxT, "token_mean", normalizer)
+            pg_loss = aggregate(pg_RxT * row_targets.get("is_weight_RxT", 1.0), m_RxT, "token_mean", normalizer)
             loss = pg_loss + entropy_bonus(entropy_RxT, m_RxT, cfg.entropy_coef, "token_mean", normalizer)
             return loss, {**out, "pg_loss": pg_loss, "entropy": aggregate(entropy_RxT, m_RxT)}
 
@@ -158,9 +163,10 @@ def make_ppo_step(
             index, rows = indexed
             mb = jax.tree.map(lambda x: x[rows], (batch, targets))
             normalizer = loss_normalizer(mb[0].completion_mask_RxT, "token_mean")
+            actor_normalizer = loss_normalizer(mb[1].get("keep_RxT", mb[0].completion_mask_RxT), "token_mean")
             rng = jax.random.fold_in(dropout_key, index)
             _, actor_grads, actor_out = accumulate_gradients(
-                lambda p, micro, r: actor_loss(actor.model_params(p), micro, r, normalizer), actor.params, mb,
+                lambda p, micro, r: actor_loss(actor.model_params(p), micro, r, actor_normalizer), actor.params, mb,
                 num_microbatches, jax.random.fold_in(rng, 0),
             )
             _, critic_grads, critic_out = accumulate_gradients(
@@ -187,6 +193,7 @@ def make_ppo_step(
         lengths_R = mask_RxT.sum(axis=1).astype(jnp.float32)
         metrics = {
             **reduce_metrics(update_metrics),
+            **mismatch,
             "score/mean": jnp.mean(score_R),
             "score/std": jnp.std(score_R),
             "reward/mean": jnp.mean(jnp.sum(rewards_RxT, axis=1)),

@@ -51,6 +51,9 @@ _RULES = (
     (("grpo.dual_clip",), lambda v: v > 1, "must be > 1", "verl uses 3.0; null turns dual clipping off"),
     (("grpo.group_size",), lambda v: v >= 2, "must be >= 2", "the baseline is the mean of the prompt's group"),
     (("ppo.gamma", "ppo.lam"), lambda v: 0 <= v <= 1, "must be in [0, 1]", ""),
+    (("rollout_correction.is_cap", "rollout_correction.mask_high"), lambda v: v >= 1, "must be >= 1",
+     "a ratio of 1 (no mismatch) must pass untouched"),
+    (("rollout_correction.mask_low",), lambda v: 0 <= v <= 1, "must be in [0, 1]", "verl uses 1/mask_high"),
     (("dpo.label_smoothing",), lambda v: 0 <= v < 0.5, "must be in [0, 0.5)", "robust DPO divides by 1 - 2ε"),
     (("model.lora.dropout",), lambda v: 0 <= v < 1, "must be in [0, 1)", "PEFT's lora_dropout"),
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from jaxrl_llm.core import advantages, losses
+from jaxrl_llm.core import advantages, correction, losses
 from jaxrl_llm.data import OPERATORS, PROMPT_OVERFLOW
 from jaxrl_llm.models import quantize
 from jaxrl_llm.models.transformer import ATTENTION_KINDS, DTYPES, REMAT_POLICIES
@@ -21,6 +21,7 @@ from jaxrl_llm.state import SCHEDULES
 
 KL_ESTIMATORS = (*losses.KL_KINDS, "full")  # full: the exact KL over the vocabulary
 KL_PLACEMENTS = ("loss", "reward", "none")
+ROLLOUT_DTYPES = ("float32", "bfloat16", "int8")
 TOOL_FORMATS = ("auto", "hermes", "llama3_json", "chatml_json")  # auto and envs.tools.TOOL_FORMATS
 
 
@@ -135,6 +136,20 @@ class SamplingSection:
     top_p: float = 1.0  # 1.0: off
     stop_token_ids: tuple[int, ...] = ()  # in addition to the tokenizer's EOS
     ignore_eos: bool = False  # sample max_completion_len tokens whatever comes (benchmarks; vLLM's name)
+    # The rollout copy of the policy, made once per training step: float32 samples with the trained
+    # params as they are; bfloat16 casts them; int8 stores the projection kernels as int8 with one
+    # scale per output channel (the rest bf16). Both decode in bf16 with fp32 accumulation.
+    weights_dtype: Literal[ROLLOUT_DTYPES] = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutCorrectionSection(correction.Correction):
+    """The rollout/trainer mismatch (logged every RL step) and its correction (`core.correction`):
+    TIS weights min(ρ, is_cap) per token or sequence (Yao et al. 2025); MIS drops tokens or
+    sequences whose ratio leaves [mask_low, mask_high] (verl's rollout correction). Off by default."""
+
+    is_level: Literal[correction.LEVELS] = "none"
+    mask_level: Literal[correction.MASK_LEVELS] = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,6 +299,7 @@ class Config:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
+    rollout_correction: RolloutCorrectionSection = dataclasses.field(default_factory=RolloutCorrectionSection)
     grpo: GRPOSection = dataclasses.field(default_factory=GRPOSection)
     ppo: PPOSection = dataclasses.field(default_factory=PPOSection)
     dpo: DPOSection = dataclasses.field(default_factory=DPOSection)

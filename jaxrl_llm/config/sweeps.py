@@ -31,7 +31,7 @@ VMAPPED = (
     "grpo.sapo_tau_pos", "grpo.sapo_tau_neg", "grpo.cispo_eps_max", "grpo.std_eps", "grpo.kl_coef",
     "ppo.eps", "ppo.value_clip", "ppo.vf_coef", "ppo.gamma", "ppo.lam", "ppo.kl_coef", "ppo.entropy_coef",
     "ppo.missing_stop_penalty", "ppo.reward_clip", "dpo.beta", "dpo.label_smoothing", "rm.margin",
-    "rm.center_coef",
+    "rm.center_coef", "rollout_correction.is_cap", "rollout_correction.mask_low", "rollout_correction.mask_high",
 )
 # Fields each run reads on the host only (its data, keys and folder; its reward weights).
 HOST = ("seed", "run_dir", "grpo.reward_weights")

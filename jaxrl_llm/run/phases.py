@@ -153,7 +153,9 @@ def grpo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: 
     g = config.grpo
     ref = reference_params(config, policy) if uses_reference(g) else None
     answer_len = config.env.max_tokens if config.env.enabled else config.data.max_completion_len
-    step_of = lambda c: make_grpo_step(policy.config, c.grpo, c.train.grad_accum, answer_len)
+    step_of = lambda c: make_grpo_step(
+        policy.config, c.grpo, c.train.grad_accum, answer_len, correction=c.rollout_correction
+    )
     # None: an environment class's own rewards are the whole reward (config.checks).
     reward = reward_function(config, policy, g.reward_functions, g.reward_weights) if g.reward_functions else None
     rollouts = rollouts_of(config)(config, policy, train_set, g.group_size, reward, dynamic=g.dynamic_sampling)
@@ -188,6 +190,7 @@ def ppo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
     reward_config = reward_model.config if reward_model else None
     step_of = lambda c: make_ppo_step(
         policy.config, c.ppo, c.train.grad_accum, critic_config=critic_config, reward_config=reward_config,
+        correction=c.rollout_correction,
     )
     rollouts = rollouts_of(config)(config, policy, train_set, 1, None)
     evaluator = rollouts
