@@ -115,8 +115,9 @@ def test_same_weights_and_precision_read_zero_in_the_step(params, reuse):
     assert 1 - 1e-5 < float(metrics["mismatch/ratio/min"]) <= float(metrics["mismatch/ratio/max"]) < 1 + 1e-5
 
 
-@pytest.mark.parametrize("kind", POLICY_KINDS)
-@pytest.mark.parametrize("reuse", [True, False])
+# Every kind with one update (the trainer's log-probs reused); one kind with μ = 2, where the old
+# log-probs come from a scoring pass first (the path MIS takes).
+@pytest.mark.parametrize("kind,reuse", [(kind, True) for kind in POLICY_KINDS] + [("ppo", False)])
 def test_tis_and_mis_compose_with_every_policy_loss(params, kind, reuse):
     # The rollout's log-probs one log(1.5) below the trainer's: every token's ratio is 1.5, so token
     # TIS scales the policy-gradient loss by 1.5 (by the cap 1.2 when capped), token MIS with

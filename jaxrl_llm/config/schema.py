@@ -14,14 +14,13 @@ from typing import Literal
 
 from jaxrl_llm.core import advantages, correction, losses
 from jaxrl_llm.data import OPERATORS, PROMPT_OVERFLOW
-from jaxrl_llm.models import quantize
+from jaxrl_llm.models import precision, quantize
 from jaxrl_llm.models.transformer import ATTENTION_KINDS, DTYPES, REMAT_POLICIES
 from jaxrl_llm.padding import BUCKETS
 from jaxrl_llm.state import SCHEDULES
 
 KL_ESTIMATORS = (*losses.KL_KINDS, "full")  # full: the exact KL over the vocabulary
 KL_PLACEMENTS = ("loss", "reward", "none")
-ROLLOUT_DTYPES = ("float32", "bfloat16", "int8")
 TOOL_FORMATS = ("auto", "hermes", "llama3_json", "chatml_json")  # auto and envs.tools.TOOL_FORMATS
 
 
@@ -139,7 +138,7 @@ class SamplingSection:
     # The rollout copy of the policy, made once per training step: float32 samples with the trained
     # params as they are; bfloat16 casts them; int8 stores the projection kernels as int8 with one
     # scale per output channel (the rest bf16). Both decode in bf16 with fp32 accumulation.
-    weights_dtype: Literal[ROLLOUT_DTYPES] = "float32"
+    weights_dtype: Literal[precision.ROLLOUT_DTYPES] = "float32"
 
 
 @dataclasses.dataclass(frozen=True)

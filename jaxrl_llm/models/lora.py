@@ -96,24 +96,24 @@ def _delta(node: Tree, scale: float, stacked: bool) -> jax.Array:
     return jax.vmap(product)(node["lora_a"], node["lora_b"]) if stacked else product(node["lora_a"], node["lora_b"])
 
 
-def _projection_nodes(tree: Tree, visit: Callable[[str, Tree, bool], Tree], stacked: bool = False) -> Tree:
+def projection_nodes(tree: Tree, visit: Callable[[str, Tree, bool], Tree], stacked: bool = False) -> Tree:
     """`tree` with each projection's param dict replaced by visit(name, node, stacked)."""
     out = {}
     for name, value in tree.items():
         if isinstance(value, dict) and name in PROJECTIONS:
             out[name] = visit(name, value, stacked)
         elif isinstance(value, dict):
-            out[name] = _projection_nodes(value, visit, stacked or name == "layers")
+            out[name] = projection_nodes(value, visit, stacked or name == "layers")
         else:
             out[name] = value
     return out
 
 
-def _without(node: Tree, names: tuple[str, ...]) -> Tree:
+def without(node: Tree, names: tuple[str, ...]) -> Tree:
     return {name: value for name, value in node.items() if name not in names}
 
 
-def _block_axis(name: str, stacked: bool) -> int:
+def block_axis(name: str, stacked: bool) -> int:
     """The axis a projection's kernel is quantised along: its last contracted one."""
     return contracted_axes(name) - 1 + int(stacked)
 
@@ -126,11 +126,11 @@ def merge(params: Tree, config: ModelConfig) -> Tree:
     def visit(name, node, stacked):
         if "lora_a" not in node:
             return node
-        kernel = quantize.kernel_of(node, _block_axis(name, stacked))
+        kernel = quantize.kernel_of(node, block_axis(name, stacked))
         merged = (kernel + _delta(node, scale, stacked)).astype(jnp.dtype(config.param_dtype))
-        return {**_without(node, ("kernel", *QUANTIZED_NAMES, *ADAPTER_NAMES)), "kernel": merged}
+        return {**without(node, ("kernel", *QUANTIZED_NAMES, *ADAPTER_NAMES)), "kernel": merged}
 
-    return _projection_nodes(params, visit)
+    return projection_nodes(params, visit)
 
 
 def unmerge(merged: Tree, adapters: Tree, config: ModelConfig) -> Tree:
@@ -141,9 +141,9 @@ def unmerge(merged: Tree, adapters: Tree, config: ModelConfig) -> Tree:
         if "lora_a" not in node:
             return node
         kernel = node["kernel"].astype(jnp.float32) - _delta(node, scale, stacked)
-        return {**_without(node, ADAPTER_NAMES), "kernel": kernel.astype(node["kernel"].dtype)}
+        return {**without(node, ADAPTER_NAMES), "kernel": kernel.astype(node["kernel"].dtype)}
 
-    base, _ = split(_projection_nodes(combine(merged, adapters), visit))
+    base, _ = split(projection_nodes(combine(merged, adapters), visit))
     return base
 
 
@@ -163,9 +163,9 @@ def quantize_base(params: Tree, kind: str | None) -> Tree:
     def visit(name, node, stacked):
         if "kernel" not in node:
             return node
-        return quantize_jit(node, kind, _block_axis(name, stacked))
+        return quantize_jit(node, kind, block_axis(name, stacked))
 
-    return _projection_nodes(params, visit)
+    return projection_nodes(params, visit)
 
 
 def bytes_of(tree: Any) -> int:

@@ -52,12 +52,13 @@ def _unblock(x: jax.Array, axis: int) -> jax.Array:
     return jnp.moveaxis(x, 0, axis)
 
 
-def quantize(kernel: jax.Array, kind: str, axis: int) -> tuple[jax.Array, jax.Array]:
+def quantize(kernel: jax.Array, kind: str, axis: int, block: int | None = None) -> tuple[jax.Array, jax.Array]:
     """(codes, fp32 scales) of `kernel` blocked along `axis`: int8 codes of the kernel's shape, or
-    NF4 codes packed two per uint8 (the axis halved); scales have the axis divided by the block."""
+    NF4 codes packed two per uint8 (the axis halved); scales have the axis divided by the block
+    (`block_size` by default; the whole axis gives one scale per output channel)."""
     if kind not in KINDS:
         raise ValueError(f"quantisation {kind!r} is not one of {KINDS}.")
-    block = block_size(kernel.shape[axis])
+    block = block or block_size(kernel.shape[axis])
     w = _blocks(kernel.astype(jnp.float32), axis, block)
     absmax = jnp.max(jnp.abs(w), axis=1, keepdims=True)
     normed = w / jnp.where(absmax == 0, 1.0, absmax)
@@ -101,9 +102,9 @@ def kind_of(node: dict) -> str | None:
     return None
 
 
-def quantize_kernel(node: dict, kind: str, axis: int) -> dict:
+def quantize_kernel(node: dict, kind: str, axis: int, block: int | None = None) -> dict:
     """A projection's params with its kernel replaced by codes and scales (other leaves kept)."""
-    codes, scales = quantize(node["kernel"], kind, axis)
+    codes, scales = quantize(node["kernel"], kind, axis, block)
     rest = {name: value for name, value in node.items() if name != "kernel"}
     return {**rest, CODE_NAMES[kind]: codes, SCALE_NAME: scales}
 

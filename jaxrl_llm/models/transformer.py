@@ -253,7 +253,9 @@ class Projection(nn.Module):
         features, out_shape = math.prod(self.shape[: self.contract]), self.shape[self.contract :]
         rows = x.shape[: x.ndim - self.contract]
         x_NxF = x.reshape(-1, features).astype(dtype)
-        y = x_NxF @ self._kernel(param_dtype).reshape(features, -1).astype(dtype)
+        # fp32 accumulation whatever the compute dtype (a bf16 rollout copy's "fp32 accumulate").
+        kernel_FxO = self._kernel(param_dtype).reshape(features, -1).astype(dtype)
+        y = jnp.dot(x_NxF, kernel_FxO, preferred_element_type=jnp.float32).astype(dtype)
         if self.bias:
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.contract :])
             y = y + self.param("bias", bias_init, out_shape, param_dtype).reshape(-1).astype(dtype)

@@ -104,14 +104,15 @@ class EnvRollouts(Rollouts):
         self.limits = limits(config)
         self.last_metrics, self.last_episodes = {}, []
 
-    def sample(self, params, prompts: list[dict], key, sampling: SamplingConfig | None = None):
+    def sample(self, params, prompts: list[dict], key, sampling: SamplingConfig | None = None, rollout: bool = False):
         sampling = sampling or self.sampling
+        model_config = self.rollout_config if rollout else self.policy.config
         rows = [e for e in prompts for _ in range(sampling.n)]
         tokenizer = self.policy.tokenizer
         episodes = start_episodes(rows, self.envs, tokenizer, self.limits)
         # One trajectory per row: row r draws as `generate`'s row r (n = 1 over the repeated prompts).
         cache_len = self.limits.max_prompt_len + self.limits.max_tokens + 1
-        sampler = TurnSampler(params, dataclasses.replace(sampling, n=1), self.policy.config, len(rows), cache_len,
+        sampler = TurnSampler(params, dataclasses.replace(sampling, n=1), model_config, len(rows), cache_len,
                               run_mesh(self.config))
         run_episodes(sampler, episodes, tokenizer, self.limits, key, self.envs.pool)
         out = episode_completions(episodes, self.config, tokenizer.pad_token_id, sampling.temperature or 1.0)

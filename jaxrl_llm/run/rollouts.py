@@ -21,6 +21,7 @@ from jaxrl_llm.algorithms.batches import RolloutBatch
 from jaxrl_llm.algorithms.common import scalar_scores
 from jaxrl_llm.config import Config
 from jaxrl_llm.errors import ConfigError
+from jaxrl_llm.models.precision import rollout_config, rollout_weights
 from jaxrl_llm.padding import pad_bucketed, widen
 from jaxrl_llm.rewards import REWARD_MODEL
 from jaxrl_llm.run.examples import bucketing, completion_ids, step_rows
@@ -50,13 +51,19 @@ class Rollouts:
         self.config, self.policy, self.examples, self.group_size = config, policy, examples, group_size
         self.reward_fn, self.dynamic = reward_fn, dynamic
         self.sampling = sampling_config(config, policy.tokenizer, group_size)
+        self.weights_dtype = config.sampling.weights_dtype
+        self.rollout_config = rollout_config(policy.config, self.weights_dtype)
 
-    def sample(self, params, prompts: list[dict], key, sampling: SamplingConfig | None = None):
-        """(completions, rewards [R] or None, per-function rewards, texts) of `prompts` (rows i·n + j)."""
+    def rollout_weights(self, params):
+        """The params a step's rollouts sample with (`models.precision`): made once per step."""
+        return rollout_weights(params, self.policy.config, self.weights_dtype)
+
+    def sample(self, params, prompts: list[dict], key, sampling: SamplingConfig | None = None, rollout: bool = False):
+        """(completions, rewards [R] or None, per-function rewards, texts) of `prompts` (rows i·n + j);
+        `rollout`: `params` are the step's `rollout_weights`, else the policy's own."""
         sampling = sampling or self.sampling
-        out = generate(
-            params, [e["prompt_ids"] for e in prompts], key, sampling, self.policy.config, run_mesh(self.config)
-        )
+        model_config = self.rollout_config if rollout else self.policy.config
+        out = generate(params, [e["prompt_ids"] for e in prompts], key, sampling, model_config, run_mesh(self.config))
         return (out, *self.scored(prompts, out, sampling.n))
 
     def scored(self, prompts: list[dict], out: Completions, n: int):
@@ -83,11 +90,13 @@ class Rollouts:
         """The rollout of step `step`'s prompts and its host metrics (reward parts, generation time)."""
         start = time.perf_counter()
         prompts, key = self.step_prompts(step)
-        out, total_R, parts, _ = self.sample(params, prompts, key)
-        return self.finish(lambda: params, prompts, out, total_R, parts, step, start)
+        rollout_params = self.rollout_weights(params)
+        out, total_R, parts, _ = self.sample(rollout_params, prompts, key, rollout=True)
+        return self.finish(lambda: rollout_params, prompts, out, total_R, parts, step, start)
 
     def finish(self, params_of, prompts, out: Completions, total_R, parts: dict, step: int, start: float):
-        """`batch`'s result from the first round's samples; DAPO's further rounds sample with `params_of()`."""
+        """`batch`'s result from the first round's samples; DAPO's further rounds sample with the
+        rollout weights `params_of()`."""
         host = {f"reward/{name}": float(np.mean(v)) for name, v in parts.items()}
         if self.dynamic:
             out, total_R, host["dynamic_sampling/tries"] = self._dynamic(params_of(), prompts, out, total_R, step)
@@ -108,7 +117,9 @@ class Rollouts:
             round_key = jax.random.fold_in(jax.random.fold_in(stream_key(self.config.seed, RESAMPLE), step), tries)
             pick_key, sample_key = jax.random.split(round_key)
             picks = jax.random.choice(pick_key, len(self.examples), (len(prompts),), replace=False)
-            extra_out, extra_R, _, _ = self.sample(params, [self.examples[int(i)] for i in picks], sample_key)
+            extra_out, extra_R, _, _ = self.sample(
+                params, [self.examples[int(i)] for i in picks], sample_key, rollout=True
+            )
             keep += [(extra_out, extra_R, i) for i in informative(extra_R)]
             tries += 1
         kept_first = {i for o, _, i in keep if o is out}

@@ -338,14 +338,18 @@ class VmappedRuns:
         phase = self.phases[0]
         params = phase.policy_params(state)
         batched = phase.policy_params(self.flags())
+        if rollouts[0].weights_dtype != "float32":  # every run's rollout copy, in one call
+            in_axes = jax.tree.map(lambda b: 0 if b else None, batched)
+            params = jax.vmap(rollouts[0].rollout_weights, in_axes=(in_axes,))(params)
+            batched = jax.tree.map(lambda _: True, params)
         outs = generate_runs(
             params, batched, [[e["prompt_ids"] for e in prompts] for prompts, _ in plans], [k for _, k in plans],
-            rollouts[0].sampling, self.policies[0].config, run_mesh(self.configs[0]), self.run_axis,
+            rollouts[0].sampling, rollouts[0].rollout_config, run_mesh(self.configs[0]), self.run_axis,
         )
         made = []
         for n, (r, (prompts, _), out) in enumerate(zip(rollouts, plans, outs)):
             total_R, parts, _ = r.scored(prompts, out, r.sampling.n)
-            params_of = lambda n=n: self.phases[n].policy_params(self.run_state(state, n))
+            params_of = lambda n=n, r=r: r.rollout_weights(self.phases[n].policy_params(self.run_state(state, n)))
             made.append(r.finish(params_of, prompts, out, total_R, parts, step, start))
         return stack_batches([b for b, _ in made], self.policies[0].tokenizer.pad_token_id), [h for _, h in made]
 
