@@ -57,6 +57,7 @@ class SamplingConfig:
     pad_token_id: int = 0
     bucketing: Bucketing = Bucketing()
     cache_dtype: str | None = None
+    slots: int = 0  # > 0: continuous batching over this many rows (`generate_continuous`); 0: one static batch
 
     def __post_init__(self):
         # A list of stop ids would make the config unhashable, so store it as a tuple.
@@ -67,6 +68,7 @@ class SamplingConfig:
             (self.top_k >= 0, "top_k must be >= 0 (0 turns top-k off)"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1] (1 turns top-p off)"),
             (self.n >= 1, "n (samples per prompt) must be >= 1"),
+            (self.slots == 0 or self.slots >= self.n, "slots must be 0 (static batching) or >= n (a prompt's samples)"),
             (self.pad_token_id >= 0, "pad_token_id must be a token id >= 0"),
             (all(t >= 0 for t in self.stop_token_ids), "stop_token_ids must be token ids >= 0"),
             (
@@ -309,9 +311,152 @@ def generate(params, prompts, key, config: SamplingConfig, model_config: ModelCo
     heads over tensor, following the params' own layout; samples equal the unsharded ones.
     """
     tokens_BxP, mask_BxP = pad_prompts(prompts, config, model_config)
+    if 0 < config.slots < tokens_BxP.shape[0] * config.n:
+        return _continuous(params, tokens_BxP, mask_BxP, key, config, model_config, mesh)
     if mesh is not None:
         tokens_BxP, mask_BxP = sharding.place_batch((tokens_BxP, mask_BxP), mesh)
     return _generate(params, tokens_BxP, mask_BxP, key, config, model_config, mesh)
+
+
+# Continuous batching: S slots decode together; when a slot's row stops, the next prompt waiting is
+# prefilled into it (its n samples into n free slots) and decoding goes on, so no slot idles behind
+# a long row. One compiled loop: admit prompts while n slots are free, then one decode step for all.
+
+
+@flax.struct.dataclass
+class _SlotState:
+    """The continuous loop's carry: per slot its row (-1: free), tokens emitted, last token and cache
+    fill; per row its outputs; the next prompt to admit."""
+
+    row_S: jax.Array
+    step_S: jax.Array
+    token_S: jax.Array
+    fill_S: jax.Array
+    caches: list[Cache]
+    next_prompt: jax.Array
+    tokens_RxN: jax.Array
+    logp_RxN: jax.Array
+    length_R: jax.Array
+    done_R: jax.Array
+
+
+def generate_continuous(params, prompts, key, config: SamplingConfig, model_config: ModelConfig, mesh=None):
+    """`generate` with `config.slots` rows decoding at a time, each freed slot refilled at once:
+    row r draws as `generate`'s row r (same key rule), so the completions are the same."""
+    if config.slots < 1:
+        raise ValueError("generate_continuous: set SamplingConfig.slots to the rows decoded at a time (>= n).")
+    tokens_BxP, mask_BxP = pad_prompts(prompts, config, model_config)
+    return _continuous(params, tokens_BxP, mask_BxP, key, config, model_config, mesh)
+
+
+def _continuous(params, tokens_BxP, mask_BxP, key, config: SamplingConfig, model_config: ModelConfig, mesh):
+    # Prompts go right-aligned into the slots (real tokens first): a slot's fill is its position.
+    mask_np = np.asarray(mask_BxP).astype(bool)
+    lengths_B = mask_np.sum(-1).astype(np.int32)
+    right_BxP = np.full(mask_np.shape, config.pad_token_id, np.int32)
+    for b, row in enumerate(np.asarray(tokens_BxP)):
+        right_BxP[b, : lengths_B[b]] = row[mask_np[b]]
+    out = _continuous_loop(params, jnp.asarray(right_BxP), jnp.asarray(lengths_B), key, config, model_config, mesh)
+    n = config.n
+    return Completions(
+        tokens_RxN=out.tokens_RxN, logp_RxN=out.logp_RxN,
+        mask_RxN=(jnp.arange(config.max_new_tokens) < out.length_R[:, None]).astype(jnp.int32),
+        lengths_R=out.length_R, truncated_R=~out.done_R,
+        prompt_tokens_RxP=jnp.repeat(jnp.asarray(tokens_BxP), n, axis=0),
+        prompt_mask_RxP=jnp.repeat(jnp.asarray(mask_BxP, jnp.int32), n, axis=0),
+        logp_temperature=config.temperature or 1.0,
+    )
+
+
+@jax.jit(static_argnames=("config", "model_config", "mesh"))
+def _continuous_loop(params, prompts_BxP, lengths_B, key, config: SamplingConfig, model_config: ModelConfig, mesh=None):
+    if mesh is None:
+        return _slot_decode(params, prompts_BxP, lengths_B, key, config, model_config)
+    with sharding.mesh_context(mesh):
+        return _slot_decode(params, prompts_BxP, lengths_B, key, config, model_config)
+
+
+def _slot_decode(params, prompts_BxP, lengths_B, key, config: SamplingConfig, model_config: ModelConfig):
+    """The continuous loop (traced by `_continuous_loop`): every row's outputs."""
+    (B, P), n, N, S = prompts_BxP.shape, config.n, config.max_new_tokens, config.slots
+    R, C = B * n, P + N
+    layers = unstack_layers(params, model_config)
+    stops = jnp.asarray(config.stop_token_ids, jnp.int32)
+    cache_slot_C = jnp.arange(C)
+
+    def record(state: _SlotState, slot_ids, token, logp, live):
+        """Write each live slot's token at its row's step; retire rows that stopped or hit N."""
+        rows = jnp.where(live, state.row_S[slot_ids], R)  # R: dropped
+        steps = state.step_S[slot_ids]
+        tokens_RxN = state.tokens_RxN.at[rows, steps].set(token, mode="drop")
+        logp_RxN = state.logp_RxN.at[rows, steps].set(logp, mode="drop")
+        step = steps + 1
+        stopped, full = jnp.isin(token, stops), step >= N
+        ends = live & (stopped | full)
+        return state.replace(
+            tokens_RxN=tokens_RxN, logp_RxN=logp_RxN,
+            length_R=state.length_R.at[rows].set(step, mode="drop"),
+            done_R=state.done_R.at[jnp.where(ends & stopped, rows, R)].set(True, mode="drop"),
+            step_S=state.step_S.at[slot_ids].set(jnp.where(live, step, state.step_S[slot_ids])),
+            token_S=state.token_S.at[slot_ids].set(jnp.where(live, token, state.token_S[slot_ids])),
+            row_S=state.row_S.at[slot_ids].set(jnp.where(ends, -1, state.row_S[slot_ids])),
+        )
+
+    def draw(logits_KxV, rows_K, steps_K):
+        keys_K = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(rows_K, steps_K)
+        return sample_tokens(logits_KxV, keys_K, config)
+
+    def admit(state: _SlotState) -> _SlotState:
+        """Prefill the next prompt into the first n free slots and emit its rows' first tokens."""
+        b = state.next_prompt
+        tokens_1xP = jax.lax.dynamic_slice_in_dim(prompts_BxP, b, 1)
+        length = lengths_B[b]
+        zero = per_layer(init_cache(model_config, 1, C, config.cache_dtype), model_config.num_layers)
+        hidden_1xPxD, prompt_caches = decode_step(
+            params, layers, tokens_1xP, jnp.arange(P)[None], (cache_slot_C < length)[None], zero,
+            jnp.zeros((1,), jnp.int32), model_config,
+        )
+        logits_1xV = lm_logits(params, hidden_1xPxD[:, length - 1], model_config)
+        slot_ids = jnp.argsort(state.row_S >= 0, stable=True)[:n]  # free slots first
+        caches = [
+            jax.tree.map(lambda c, new: c.at[slot_ids].set(jnp.repeat(new, n, axis=0)), cache, prompt_cache)
+            for cache, prompt_cache in zip(state.caches, prompt_caches)
+        ]
+        rows = b * n + jnp.arange(n)
+        token, logp = draw(jnp.repeat(logits_1xV, n, axis=0), rows, jnp.zeros((n,), jnp.int32))
+        state = state.replace(
+            caches=caches, next_prompt=b + 1, row_S=state.row_S.at[slot_ids].set(rows),
+            step_S=state.step_S.at[slot_ids].set(0), fill_S=state.fill_S.at[slot_ids].set(length),
+        )
+        return record(state, slot_ids, token, logp, jnp.ones((n,), bool))
+
+    def decode(state: _SlotState) -> _SlotState:
+        """One token for every busy slot: the last token goes in at slot (and position) fill."""
+        live_S = state.row_S >= 0
+        hidden_Sx1xD, caches = decode_step(
+            params, layers, state.token_S[:, None], state.fill_S[:, None], cache_slot_C <= state.fill_S[:, None],
+            state.caches, state.fill_S, model_config,
+        )
+        logits_SxV = lm_logits(params, hidden_Sx1xD[:, 0], model_config)
+        token_S, logp_S = draw(logits_SxV, jnp.maximum(state.row_S, 0), state.step_S)
+        state = state.replace(caches=caches, fill_S=state.fill_S + live_S)
+        return record(state, jnp.arange(S), token_S, logp_S, live_S)
+
+    def can_admit(state: _SlotState):
+        return (state.next_prompt < B) & (jnp.sum(state.row_S < 0) >= n)
+
+    def step(state: _SlotState) -> _SlotState:
+        state = jax.lax.while_loop(can_admit, admit, state)
+        return jax.lax.cond(jnp.any(state.row_S >= 0), decode, lambda s: s, state)
+
+    state = _SlotState(
+        row_S=jnp.full((S,), -1, jnp.int32), step_S=jnp.zeros((S,), jnp.int32), token_S=jnp.zeros((S,), jnp.int32),
+        fill_S=jnp.zeros((S,), jnp.int32),
+        caches=per_layer(init_cache(model_config, S, C, config.cache_dtype), model_config.num_layers),
+        next_prompt=jnp.int32(0), tokens_RxN=jnp.full((R, N), config.pad_token_id, jnp.int32),
+        logp_RxN=jnp.zeros((R, N), jnp.float32), length_R=jnp.zeros((R,), jnp.int32), done_R=jnp.zeros((R,), bool),
+    )
+    return jax.lax.while_loop(lambda s: (s.next_prompt < B) | jnp.any(s.row_S >= 0), step, state)
 
 
 def generate_runs(params, batched, prompts: list, keys: list, config: SamplingConfig,

@@ -37,8 +37,8 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "seed", "data.eval_size", "optim.warmup_steps", "optim.weight_decay", "sampling.top_k", "grpo.eps_high",
     "grpo.gspo_eps_high", "grpo.kl_coef", "ppo.vf_coef", "ppo.kl_coef", "ppo.entropy_coef", "ppo.missing_stop_penalty",
-    "rm.margin", "rm.center_coef", "train.eval_every", "train.checkpoint_every", "train.sft_warmup_steps",
-    "model.lora.rank",
+    "rm.margin", "rm.center_coef", "sampling.slots", "train.eval_every", "train.checkpoint_every",
+    "train.sft_warmup_steps", "model.lora.rank",
 )
 # (fields, test, requirement, why); a None value (a feature turned off) passes.
 _RULES = (
@@ -260,6 +260,11 @@ def check_batch(config: Config, section: str | None) -> None:
         raise ConfigError(
             f"data.batch_size ({batch}) must be a multiple of {section}.group_size ({group}): it counts completions, "
             f"group_size per prompt; set data.batch_size={_round_up(batch, group)}."
+        )
+    if 0 < config.sampling.slots < group:
+        raise ConfigError(
+            f"sampling.slots ({config.sampling.slots}) must be 0 (static batching) or at least {section}.group_size "
+            f"({group}): a prompt's samples are admitted together; set sampling.slots={group} or more."
         )
     minibatches = getattr(settings, "num_minibatches", 1)
     if batch % minibatches:

@@ -139,6 +139,9 @@ class SamplingSection:
     # params as they are; bfloat16 casts them; int8 stores the projection kernels as int8 with one
     # scale per output channel (the rest bf16). Both decode in bf16 with fp32 accumulation.
     weights_dtype: Literal[precision.ROLLOUT_DTYPES] = "float32"
+    # > 0: continuous batching, this many rows decoding at a time, each finished row's slot refilled
+    # with the next prompt waiting (same completions); 0: every row of a call in one static batch.
+    slots: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,7 +107,7 @@ def mismatch_metrics(
 
 
 def corrected(
-    train_logp_BxT, rollout_logp_BxT, mask_BxT, correction: Correction
+    train_logp_BxT: jax.Array, rollout_logp_BxT: jax.Array, mask_BxT: jax.Array, correction: Correction
 ) -> tuple[jax.Array, jax.Array, dict]:
     """(weights_BxT, keep_BxT, metrics): `correction_weights` and `mismatch_metrics`, with the mean TIS
     weight and the fraction MIS dropped when those are on."""

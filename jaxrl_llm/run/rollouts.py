@@ -38,7 +38,7 @@ def sampling_config(config: Config, tokenizer, n: int) -> SamplingConfig:
     return SamplingConfig(
         max_new_tokens=config.data.max_completion_len, temperature=s.temperature,
         top_k=s.top_k, top_p=s.top_p, n=n, pad_token_id=tokenizer.pad_token_id, stop_token_ids=stops,
-        bucketing=bucketing(config),
+        bucketing=bucketing(config), slots=s.slots,
     )
 
 
