@@ -349,14 +349,20 @@ def generate_continuous(params, prompts, key, config: SamplingConfig, model_conf
     return _continuous(params, tokens_BxP, mask_BxP, key, config, model_config, mesh)
 
 
-def _continuous(params, tokens_BxP, mask_BxP, key, config: SamplingConfig, model_config: ModelConfig, mesh):
-    # Prompts go right-aligned into the slots (real tokens first): a slot's fill is its position.
+def right_aligned(tokens_BxP, mask_BxP, pad_token_id: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(tokens_BxP with each prompt's real tokens first, lengths_B): how prompts enter the slots,
+    where a slot's fill is its next position."""
     mask_np = np.asarray(mask_BxP).astype(bool)
     lengths_B = mask_np.sum(-1).astype(np.int32)
-    right_BxP = np.full(mask_np.shape, config.pad_token_id, np.int32)
+    right_BxP = np.full(mask_np.shape, pad_token_id, np.int32)
     for b, row in enumerate(np.asarray(tokens_BxP)):
         right_BxP[b, : lengths_B[b]] = row[mask_np[b]]
-    out = _continuous_loop(params, jnp.asarray(right_BxP), jnp.asarray(lengths_B), key, config, model_config, mesh)
+    return jnp.asarray(right_BxP), jnp.asarray(lengths_B)
+
+
+def _continuous(params, tokens_BxP, mask_BxP, key, config: SamplingConfig, model_config: ModelConfig, mesh):
+    right_BxP, lengths_B = right_aligned(tokens_BxP, mask_BxP, config.pad_token_id)
+    out = _continuous_loop(params, right_BxP, lengths_B, key, config, model_config, mesh)
     n = config.n
     return Completions(
         tokens_RxN=out.tokens_RxN, logp_RxN=out.logp_RxN,
