@@ -37,7 +37,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "seed", "data.eval_size", "optim.warmup_steps", "optim.weight_decay", "sampling.top_k", "grpo.eps_high",
     "grpo.gspo_eps_high", "grpo.kl_coef", "ppo.vf_coef", "ppo.kl_coef", "ppo.entropy_coef", "ppo.missing_stop_penalty",
-    "rm.margin", "rm.center_coef", "sampling.slots", "train.eval_every", "train.checkpoint_every",
+    "rm.margin", "rm.center_coef", "sampling.slots", "sampling.staleness", "train.eval_every", "train.checkpoint_every",
     "train.sft_warmup_steps", "model.lora.rank",
 )
 # (fields, test, requirement, why); a None value (a feature turned off) passes.

@@ -142,6 +142,11 @@ class SamplingSection:
     # > 0: continuous batching, this many rows decoding at a time, each finished row's slot refilled
     # with the next prompt waiting (same completions); 0: every row of a call in one static batch.
     slots: int = 0
+    # Generate step t+1's rollouts (on a worker thread) while step t trains, from params at most
+    # `staleness` steps old; the batch carries the stale sampler's log-probs, which rollout_correction
+    # corrects for. Off: every rollout samples the params it then trains (synchronous).
+    overlap: bool = False
+    staleness: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

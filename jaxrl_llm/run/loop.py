@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import jax
@@ -33,7 +34,7 @@ from jaxrl_llm.run import outputs, registry, resume
 from jaxrl_llm.run.examples import prepare_examples
 from jaxrl_llm.run.keys import STEP, stream_key
 from jaxrl_llm.run.phases import Phase, decay_steps
-from jaxrl_llm.run.policy import Policy, load_policy, run_mesh
+from jaxrl_llm.run.policy import Policy, load_policy, own_copy, run_mesh
 from jaxrl_llm.run.stops import StopRequests
 from jaxrl_llm.state import frozen_parts, learning_rate_schedule, with_frozen, without_frozen
 
@@ -120,6 +121,31 @@ def compiled(config: Config, phase: Phase, policy: Policy):
     return sharding.place(phase.state, shardings), sharding.jit_step(phase.step, mesh, shardings)
 
 
+class RolloutQueue:
+    """An RL phase's batches made on a worker thread up to `staleness` steps ahead (`sampling.overlap`):
+    before step s trains, the rollouts of steps s..s+staleness not yet started are started from a copy
+    of the params step s trains (the state is donated to the step), and step s waits for its own.
+    Staleness 0 makes each batch, then trains on it: the synchronous run."""
+
+    def __init__(self, phase: Phase, staleness: int, last_step: int):
+        self.phase, self.staleness, self.last_step = phase, staleness, last_step
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="rollouts")
+        self.pending: dict[int, tuple[Future, int]] = {}  # step -> (its batch, the step whose params made it)
+
+    def make_batch(self, state, step: int):
+        ahead = [s for s in range(step, min(step + self.staleness, self.last_step - 1) + 1) if s not in self.pending]
+        if ahead:
+            params = own_copy(self.phase.policy_params(state))
+            for s in ahead:
+                self.pending[s] = (self.pool.submit(self.phase.rollouts.batch, params, s), step)
+        future, made_at = self.pending.pop(step)
+        batch, host = future.result()
+        return batch, {**host, "rollout/staleness": float(step - made_at)}
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def run_phase(
     config: Config, phase: Phase, policy: Policy, quiet: bool = False, on_event: Events | None = None,
     resumed: tuple[Config, list[str]] | None = None,
@@ -148,13 +174,16 @@ def run_phase(
     row, done = {}, start - 1  # `done`: the last step whose update is in `state`
     meta = lambda s: {"step": s, "algorithm": config.algorithm, "config": config_to_dict(config), "before": before}
     stop = StopRequests()
+    overlap = config.sampling.overlap and phase.rollouts is not None
+    queue = RolloutQueue(phase, config.sampling.staleness, t.total_steps) if overlap else None
+    make_batch = queue.make_batch if queue else phase.make_batch
     emit("started", config.run_dir, start)
     try:
         with stop:
             for step in range(start, t.total_steps):
                 if stop.signal is not None:
                     break
-                batch, host = phase.make_batch(state, step)
+                batch, host = make_batch(state, step)
                 began = time.perf_counter()
                 state, out = step_fn(state, batch, jax.random.fold_in(base_key, step))
                 done = step
@@ -181,6 +210,8 @@ def run_phase(
         if any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
             raise
     finally:
+        if queue is not None:
+            queue.close()
         if writer is not None:
             writer.close()
         if bar is not None:

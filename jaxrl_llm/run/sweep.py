@@ -102,6 +102,11 @@ def train_runs(
 def _checked(config: Config, setting: dict) -> Config:
     """`config` checked as a run of its algorithm; an error names the run."""
     try:
+        if config.sampling.overlap:
+            raise ConfigError(
+                "sampling.overlap is not supported in a sweep (its runs generate in one synchronous call); "
+                "set sampling.overlap=false, or train the run alone."
+            )
         return registry.check(config)
     except ConfigError as error:
         raise ConfigError(f"sweep run {label(setting)}: {error}") from None
