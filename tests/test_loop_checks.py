@@ -52,7 +52,9 @@ def test_dynamic_sampling_fills_with_tied_groups_never_a_kept_one_twice():
     sampler.group_size, sampler.examples = G, [{"prompt": "x", "prompt_ids": [1]}] * 100
     sampler.sampling = rollouts.SamplingConfig(pad_token_id=0)
     # Every later round ties, so the fill has to come from the first round.
-    sampler.sample = lambda params, prompts, key, sampling=None: (fake_completions(P * G, 9), np.zeros(P * G), {}, None)
+    sampler.sample = lambda params, prompts, key, sampling=None, rollout=False: (
+        fake_completions(P * G, 9), np.zeros(P * G), {}, None
+    )
     first_R = np.array([0, 1, 0, 0, 1, 0, 0, 0], np.float32)  # groups 0 and 2 informative
     merged, rewards_R, tries = sampler._dynamic(None, [None] * P, fake_completions(P * G, 0), first_R, step=0)
     groups = np.asarray(merged.prompt_tokens_RxP[:, 0]).reshape(P, G)[:, 0] // G
