@@ -22,6 +22,7 @@ from jaxrl_llm.algorithms.grpo import make_grpo_step
 from jaxrl_llm.algorithms.ppo import make_ppo_step
 from jaxrl_llm.algorithms.rm import make_rm_step
 from jaxrl_llm.config import ConfigError, DPOSection, GRPOSection, OptimSection, PPOSection, RMSection
+from jaxrl_llm.config.schema import RolloutCorrectionSection
 from jaxrl_llm.config.sweeps import VMAPPED, load_sweep, structure, varying
 from jaxrl_llm.run import train, train_sweep
 from jaxrl_llm.run.sweep import _replace_path, group_by_structure
@@ -159,6 +160,14 @@ def _section_steps():
         return lambda section: factory(CONFIG, section)(state, rows, key)
 
     grpo = step("grpo", make_grpo_step, rollout)
+
+    def sampled(rng):  # a rollout carrying the sampler's log-probs, some far from the trainer's
+        batch = rollout(rng)
+        logp = -rng.uniform(0.1, 3.0, batch.tokens_RxT.shape).astype(np.float32)
+        return batch.replace(rollout_logp_RxT=logp * batch.completion_mask_RxT)
+
+    corrected_step = lambda config, c: make_grpo_step(config, GRPOSection(group_size=4), correction=c)
+    correction = step("grpo", corrected_step, sampled)
     return [
         ("optim", OptimSection(grad_clip=1.0), optim),
         ("grpo", GRPOSection(group_size=4, kl_coef=0.04, dual_clip=3.0, num_minibatches=2), grpo),
@@ -168,6 +177,8 @@ def _section_steps():
         ("dpo", DPOSection(loss="robust", label_smoothing=0.1), step("dpo", make_dpo_step, pairs)),
         ("rm", RMSection(margin=0.5, center_coef=0.01), step("rm", make_rm_step, pairs)),
         ("ppo", PPOSection(missing_stop_penalty=1.0, entropy_coef=0.01), step("ppo", make_ppo_step, rollout)),
+        ("rollout_correction", RolloutCorrectionSection(is_level="token", mask_level="token", mask_low=0.2,
+                                                        mask_high=5.0), correction),
     ]
 
 
