@@ -28,8 +28,8 @@ from pathlib import Path
 
 from benchmarks.common import Result, add_model_arguments, print_table, read_result
 
-BENCHMARKS = ("forward", "generate", "rollout_precision", "continuous", "train_step", "grpo_iteration", "lora",
-              "multiturn", "sweep")
+BENCHMARKS = ("forward", "generate", "rollout_precision", "continuous", "train_step", "grpo_iteration", "overlap",
+              "lora", "multiturn", "sweep")
 GOALS = {  # (benchmark, gpu) -> minimum speed ratio, issue 8
     ("generate", False): 5.0, ("generate", True): 10.0,
     ("train_step", False): 1.2, ("grpo_iteration", False): 3.0,

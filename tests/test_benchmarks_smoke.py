@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ sits
 
 
 @pytest.mark.parametrize(
-    "name", ["forward", "generate", "rollout_precision", "continuous", "train_step", "grpo_iteration", "lora",
-             "multiturn", "sweep", "__main__"]
+    "name", ["forward", "generate", "rollout_precision", "continuous", "train_step", "grpo_iteration", "overlap",
+             "lora", "multiturn", "sweep", "__main__"]
 )
 def test_benchmark_modules_import(name):
     module = importlib.import_module(f"benchmarks.{name}")
