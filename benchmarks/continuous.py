@@ -8,8 +8,9 @@ cache memory), each decoding until its longest row stops.
 The model is SmolLM2-135M's architecture with random weights (near-uniform next-token
 distributions), and a stop set of vocab/`--mean-length` token ids, so every new token ends its row
 with probability 1/mean-length: geometric lengths, capped at the budget, the long tail of sampled
-reasoning. A static batch numbers its rows from 0, so its rows draw other uniforms than the same
-rows in one continuous call: the two sides emit the same length distribution, not the same tokens
+reasoning. A static batch numbers its rows from 0 (each batch gets its own key), so its rows draw
+other uniforms than the same rows in one continuous call: the two sides emit the same length
+distribution, not the same tokens
 (`tests/test_continuous.py` checks equal completions for equal calls), and the row is in new
 tokens/s. Each side's programs are compiled first; the median of --repeats calls.
 """
@@ -83,12 +84,14 @@ def measure(args: argparse.Namespace) -> Result:
     for batch in batches:
         padded = pad_prompts(batch, static, config)
         static_calls.append((_generate.lower(params, *padded, key, static, config).compile(), padded))
+    # Each static batch numbers its rows from 0: its own key, or every batch would draw row r's uniforms.
+    batch_keys = [jax.random.fold_in(key, b) for b in range(len(batches))]
     right_BxP, lengths_B = right_aligned(*pad_prompts(prompts, static, config))
     continuous_call = _continuous_loop.lower(params, right_BxP, lengths_B, key, continuous, config).compile()
     compile_s = time.perf_counter() - start
 
     def run_static():
-        outs = [call(params, *padded, key) for call, padded in static_calls]
+        outs = [call(params, *padded, k) for (call, padded), k in zip(static_calls, batch_keys)]
         return [np.asarray(jax.block_until_ready(o.tokens_RxN)) for o in outs], [np.asarray(o.lengths_R) for o in outs]
 
     def run_continuous():
