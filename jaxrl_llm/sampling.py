@@ -318,9 +318,10 @@ def generate(params, prompts, key, config: SamplingConfig, model_config: ModelCo
     return _generate(params, tokens_BxP, mask_BxP, key, config, model_config, mesh)
 
 
-# Continuous batching: S slots decode together; when a slot's row stops, the next prompt waiting is
-# prefilled into it (its n samples into n free slots) and decoding goes on, so no slot idles behind
-# a long row. One compiled loop: admit prompts while n slots are free, then one decode step for all.
+# Continuous batching: S slots decode together; when slots free up, the next prompts waiting are
+# prefilled into them (each prompt's n samples into n free slots) and decoding goes on, so no slot
+# idles behind a long row. One compiled loop: admit prompts while enough slots are free, then one
+# decode step for all.
 
 
 @flax.struct.dataclass
@@ -386,6 +387,7 @@ def _slot_decode(params, prompts_BxP, lengths_B, key, config: SamplingConfig, mo
     """The continuous loop (traced by `_continuous_loop`): every row's outputs."""
     (B, P), n, N, S = prompts_BxP.shape, config.n, config.max_new_tokens, config.slots
     R, C = B * n, P + N
+    F = max(1, S // (4 * n))  # prompts admitted per prefill: a quarter of the slots
     layers = unstack_layers(params, model_config)
     stops = jnp.asarray(config.stop_token_ids, jnp.int32)
     cache_slot_C = jnp.arange(C)
@@ -403,9 +405,9 @@ def _slot_decode(params, prompts_BxP, lengths_B, key, config: SamplingConfig, mo
             tokens_RxN=tokens_RxN, logp_RxN=logp_RxN,
             length_R=state.length_R.at[rows].set(step, mode="drop"),
             done_R=state.done_R.at[jnp.where(ends & stopped, rows, R)].set(True, mode="drop"),
-            step_S=state.step_S.at[slot_ids].set(jnp.where(live, step, state.step_S[slot_ids])),
-            token_S=state.token_S.at[slot_ids].set(jnp.where(live, token, state.token_S[slot_ids])),
-            row_S=state.row_S.at[slot_ids].set(jnp.where(ends, -1, state.row_S[slot_ids])),
+            step_S=state.step_S.at[slot_ids].set(jnp.where(live, step, state.step_S[slot_ids]), mode="drop"),
+            token_S=state.token_S.at[slot_ids].set(jnp.where(live, token, state.token_S[slot_ids]), mode="drop"),
+            row_S=state.row_S.at[slot_ids].set(jnp.where(ends, -1, state.row_S[slot_ids]), mode="drop"),
         )
 
     def draw(logits_KxV, rows_K, steps_K):
@@ -413,28 +415,34 @@ def _slot_decode(params, prompts_BxP, lengths_B, key, config: SamplingConfig, mo
         return sample_tokens(logits_KxV, keys_K, config)
 
     def admit(state: _SlotState) -> _SlotState:
-        """Prefill the next prompt into the first n free slots and emit its rows' first tokens."""
-        b = state.next_prompt
-        tokens_1xP = jax.lax.dynamic_slice_in_dim(prompts_BxP, b, 1)
-        length = lengths_B[b]
-        zero = per_layer(init_cache(model_config, 1, C, config.cache_dtype), model_config.num_layers)
-        hidden_1xPxD, prompt_caches = decode_step(
-            params, layers, tokens_1xP, jnp.arange(P)[None], (cache_slot_C < length)[None], zero,
-            jnp.zeros((1,), jnp.int32), model_config,
+        """Prefill the next F prompts (fewer at the end) into free slots, n each, and emit their rows'
+        first tokens."""
+        b_F = state.next_prompt + jnp.arange(F)
+        valid_F = b_F < B
+        b_F = jnp.minimum(b_F, B - 1)
+        length_F = lengths_B[b_F]
+        zero = per_layer(init_cache(model_config, F, C, config.cache_dtype), model_config.num_layers)
+        hidden_FxPxD, prompt_caches = decode_step(
+            params, layers, prompts_BxP[b_F], jnp.broadcast_to(jnp.arange(P), (F, P)),
+            cache_slot_C < length_F[:, None], zero, jnp.zeros((F,), jnp.int32), model_config,
         )
-        logits_1xV = lm_logits(params, hidden_1xPxD[:, length - 1], model_config)
-        slot_ids = jnp.argsort(state.row_S >= 0, stable=True)[:n]  # free slots first
+        last_FxD = jnp.take_along_axis(hidden_FxPxD, (length_F - 1)[:, None, None], axis=1)[:, 0]
+        logits_FxV = lm_logits(params, last_FxD, model_config)
+        valid_K = jnp.repeat(valid_F, n)  # K = F·n new rows, prompt f's samples at f·n + j
+        slot_K = jnp.where(valid_K, jnp.argsort(state.row_S >= 0, stable=True)[: F * n], S)  # free first; S: none
         caches = [
-            jax.tree.map(lambda c, new: c.at[slot_ids].set(jnp.repeat(new, n, axis=0)), cache, prompt_cache)
-            for cache, prompt_cache in zip(state.caches, prompt_caches)
+            jax.tree.map(lambda c, new: c.at[slot_K].set(jnp.repeat(new, n, axis=0), mode="drop"), cache, prompt)
+            for cache, prompt in zip(state.caches, prompt_caches)
         ]
-        rows = b * n + jnp.arange(n)
-        token, logp = draw(jnp.repeat(logits_1xV, n, axis=0), rows, jnp.zeros((n,), jnp.int32))
+        rows_K = jnp.repeat(b_F, n) * n + jnp.tile(jnp.arange(n), F)
+        token_K, logp_K = draw(jnp.repeat(logits_FxV, n, axis=0), rows_K, jnp.zeros((F * n,), jnp.int32))
         state = state.replace(
-            caches=caches, next_prompt=b + 1, row_S=state.row_S.at[slot_ids].set(rows),
-            step_S=state.step_S.at[slot_ids].set(0), fill_S=state.fill_S.at[slot_ids].set(length),
+            caches=caches, next_prompt=jnp.minimum(state.next_prompt + F, B),
+            row_S=state.row_S.at[slot_K].set(rows_K, mode="drop"),
+            step_S=state.step_S.at[slot_K].set(0, mode="drop"),
+            fill_S=state.fill_S.at[slot_K].set(jnp.repeat(length_F, n), mode="drop"),
         )
-        return record(state, slot_ids, token, logp, jnp.ones((n,), bool))
+        return record(state, slot_K, token_K, logp_K, valid_K)
 
     def decode(state: _SlotState) -> _SlotState:
         """One token for every busy slot: the last token goes in at slot (and position) fill."""
@@ -449,7 +457,10 @@ def _slot_decode(params, prompts_BxP, lengths_B, key, config: SamplingConfig, mo
         return record(state, jnp.arange(S), token_S, logp_S, live_S)
 
     def can_admit(state: _SlotState):
-        return (state.next_prompt < B) & (jnp.sum(state.row_S < 0) >= n)
+        # F prompts at a time (fewer once fewer wait): each prefill reads every weight once, so
+        # admitting several per pass saves reads at the cost of a few slots idling until F·n are free.
+        waiting = jnp.minimum(B - state.next_prompt, F)
+        return (waiting > 0) & (jnp.sum(state.row_S < 0) >= waiting * n)
 
     def step(state: _SlotState) -> _SlotState:
         state = jax.lax.while_loop(can_admit, admit, state)

@@ -32,6 +32,8 @@ def params():
     (3, 6, dict(temperature=0.8, top_k=10)),
     (2, 5, dict(temperature=0.0)),  # greedy; 5 slots hold two prompts' pairs and one idles
     (1, 3, dict(temperature=1.2, top_p=0.9)),
+    (1, 8, dict(temperature=1.0)),  # 8 slots admit 2 prompts per prefill; the 11th comes alone
+    (2, 16, dict(temperature=0.9, top_k=8)),  # 2 prompts (4 rows) per prefill
 ])
 def test_the_completions_of_static_batching(params, n, slots, warpers):
     # Stop ids 3, 7, 11 end rows after 1 to 12 tokens (several at the cap): slots free at uneven times.

@@ -150,7 +150,10 @@ class Rollouts:
     ) -> tuple[dict, list[str]]:
         """`evaluate`'s metrics and the answers themselves; greedy unless `temperature` > 0 (then `n`
         samples per prompt, rows i·n + j, from a fixed key)."""
-        sampling = dataclasses.replace(self.sampling, temperature=temperature, n=n if temperature > 0 else 1)
+        n = n if temperature > 0 else 1
+        # Slots hold whole prompts (n samples each): at least n of them when continuous batching is on.
+        slots = self.sampling.slots and max(self.sampling.slots, n)
+        sampling = dataclasses.replace(self.sampling, temperature=temperature, n=n, slots=slots)
         out, total_R, parts, texts = self.sample(params, eval_set, jax.random.key(0), sampling)
         result = {
             "eval/reward": float(np.mean(total_R)),
