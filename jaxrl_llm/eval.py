@@ -17,7 +17,7 @@ import sys
 
 from jaxrl_llm import cli
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.yaml")
+DEFAULT_CONFIG = os.path.join(cli.PRESETS, "default.yaml")
 
 
 def main(argv=None) -> int:
@@ -39,7 +39,8 @@ def report(args: argparse.Namespace) -> int:
     from jaxrl_llm.config import load_config
     from jaxrl_llm.run.evaluate import evaluate, is_run_dir
 
-    preset = args.config or (os.path.join(args.source, "config.yaml") if is_run_dir(args.source) else DEFAULT_CONFIG)
+    preset = os.path.join(args.source, "config.yaml") if is_run_dir(args.source) else DEFAULT_CONFIG
+    preset = cli.preset_path(args.config) if args.config else preset
     result = evaluate(load_config(preset, args.overrides), args.source, args.samples, args.temperature, args.n,
                       args.adapter)
     if args.json:

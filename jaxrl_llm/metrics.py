@@ -1,11 +1,14 @@
-"""Run metrics: one JSON object per step in RUN_DIR/metrics.jsonl, optional TensorBoard,
-and PNG plots of the main curves (several runs on one figure to compare variants)."""
+"""Run metrics: one JSON object per step in RUN_DIR/metrics.jsonl, the same rows sent to optional
+trackers (TensorBoard, Weights & Biases, trackio), and PNG plots of the main curves (several runs on
+one figure to compare variants)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import secrets
 from typing import Iterable
 
 import numpy as np
@@ -21,45 +24,145 @@ def _to_float(value) -> float:
     return float(np.asarray(value))
 
 
+TRACKERS = ("jsonl", "tensorboard", "wandb", "trackio")
+# The package each tracker imports, and the extra that installs it.
+TRACKER_PACKAGES = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb", "wandb"),
+                    "trackio": ("trackio", "trackio")}
+
+
+def tracker_missing(tracker: str) -> str | None:
+    """Why `tracker` cannot log here (its package is not installed, and the pip line that fixes it), or None."""
+    if tracker not in TRACKER_PACKAGES:
+        return None
+    module, extra = TRACKER_PACKAGES[tracker]
+    if importlib.util.find_spec(module) is not None:
+        return None
+    return f"logging.trackers lists {tracker}, which needs the {module} package: pip install 'jaxrl_llm[{extra}]'"
+
+
 class MetricsWriter:
-    """Appends `{"step": s, **metrics}` lines to metrics.jsonl (and TensorBoard if asked).
+    """Appends `{"step": s, **metrics}` lines to metrics.jsonl and sends the same rows to the other
+    `trackers` (tensorboard, wandb, trackio), with the run's `config` and at the end its plot.
 
     A run resumed at `start_step` keeps the rows of the steps before it: rows of later steps (those
     the run will redo) and a line torn by a crash are dropped by writing the kept rows to a new file
     that replaces the old one atomically, so a kill at any moment leaves every row of the steps its
-    checkpoint holds. Rows are never rewritten in place.
+    checkpoint holds. Rows are never rewritten in place. A resumed run continues its W&B and trackio
+    runs (the W&B run's id is kept in RUN_DIR/trackers.json).
     """
 
-    def __init__(self, run_dir: str, tensorboard: bool = False, start_step: int = 0):
+    def __init__(self, run_dir: str, start_step: int = 0, trackers=("jsonl",), project: str = "jaxrl_llm",
+                 name: str | None = None, config: dict | None = None):
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         rows, torn = _read_rows(self.path) if os.path.exists(self.path) else ([], False)
         kept = [row for row in rows if row["step"] < start_step]
         if torn or len(kept) < len(rows):
             _replace(self.path, "".join(json.dumps(row) + "\n" for row in kept))
-        self._tb = None
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-            except ImportError:
-                raise ConfigError("train.tensorboard=true needs tensorboardX: pip install tensorboardX") from None
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        for tracker in trackers:
+            if tracker_missing(tracker):
+                raise ConfigError(tracker_missing(tracker))
+        name = name or os.path.basename(os.path.normpath(run_dir))
+        opened = {"tensorboard": _TensorBoard, "wandb": _WandB, "trackio": _Trackio}
+        self._trackers = [opened[t](run_dir, project, name, config or {}, start_step) for t in trackers if t in opened]
         self._file = open(self.path, "a", encoding="utf-8")
+        self._last_step = start_step - 1
 
     def write(self, step: int, metrics: dict) -> dict:
         """Record one step's scalars (one write of one whole line); returns them as plain floats."""
         row = {name: _to_float(value) for name, value in metrics.items()}
         self._file.write(json.dumps({"step": int(step), **row}) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for name, value in row.items():
-                self._tb.add_scalar(name, value, int(step))
+        for tracker in self._trackers:
+            tracker.log(int(step), row)
+        self._last_step = int(step)
         return row
 
+    def add_plot(self, path: str) -> None:
+        """Send the run's plot (a PNG) to the trackers, at the last step logged."""
+        for tracker in self._trackers:
+            tracker.image("plot", path, max(self._last_step, 0))
+
     def close(self) -> None:
+        """Close the file and finish every tracker's run; closing twice does nothing."""
+        if self._file.closed:
+            return
         self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
+
+
+class _TensorBoard:
+    """RUN_DIR/tensorboard event files (tensorboardX), the config as text."""
+
+    def __init__(self, run_dir: str, project: str, name: str, config: dict, start_step: int):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", start_step)
+
+    def log(self, step: int, row: dict) -> None:
+        for name, value in row.items():
+            self.writer.add_scalar(name, value, step)
+
+    def image(self, tag: str, path: str, step: int) -> None:
+        import matplotlib.image
+
+        self.writer.add_image(tag, matplotlib.image.imread(path)[..., :3], step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    """A Weights & Biases run writing under RUN_DIR/wandb; WANDB_MODE=offline keeps it local for `wandb sync`."""
+
+    def __init__(self, run_dir: str, project: str, name: str, config: dict, start_step: int):
+        import wandb
+
+        ids_path = os.path.join(run_dir, "trackers.json")
+        ids = {}
+        if os.path.exists(ids_path):
+            with open(ids_path, encoding="utf-8") as file:
+                ids = json.load(file)
+        if start_step == 0 or "wandb" not in ids:  # a new run; a resumed one continues its own
+            ids["wandb"] = secrets.token_hex(4)  # W&B run ids are short lowercase alphanumerics
+            _replace(ids_path, json.dumps(ids))
+        self.wandb = wandb
+        # create_new: a sweep holds one W&B run per run of it in this process.
+        self.run = wandb.init(project=project, name=name, dir=run_dir, config=config, id=ids["wandb"],
+                              resume="allow", reinit="create_new")
+
+    def log(self, step: int, row: dict) -> None:
+        self.run.log(row, step=step)
+
+    def image(self, tag: str, path: str, step: int) -> None:
+        self.run.log({tag: self.wandb.Image(path)}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _Trackio:
+    """A trackio run in its local database (TRACKIO_DIR, by default under ~/.cache/huggingface); `trackio
+    show` opens its dashboard. trackio holds one run per process at a time, so sweeps cannot use it."""
+
+    def __init__(self, run_dir: str, project: str, name: str, config: dict, start_step: int):
+        import trackio
+
+        self.trackio = trackio
+        # No background CPU/GPU logging threads; a resumed run appends to its own (same name).
+        self.run = trackio.init(project=project, name=name, config=config, resume="allow" if start_step else "never",
+                                embed=False, auto_log_cpu=False, auto_log_gpu=False)
+
+    def log(self, step: int, row: dict) -> None:
+        self.run.log(row, step=step)
+
+    def image(self, tag: str, path: str, step: int) -> None:
+        self.run.log({tag: self.trackio.Image(path)}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
 
 
 def _replace(path: str, text: str) -> None:

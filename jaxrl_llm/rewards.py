@@ -15,6 +15,7 @@ import difflib
 import importlib
 import math
 import re
+import threading
 import types
 from typing import Callable, Mapping, Sequence
 
@@ -64,9 +65,121 @@ def preference_score(prompts, completions, preference_target, **fields) -> np.nd
     return np.asarray([count_target(c, t) for c, t in zip(completions, preference_target)], np.float32)
 
 
-REGISTRY: Mapping[str, RewardFn] = types.MappingProxyType(
-    {"arithmetic_exact": arithmetic_exact, "arithmetic_format": arithmetic_format, "preference_score": preference_score}
-)
+# Only the end of a completion is searched for its answer: math-verify's extraction regexes are quadratic on
+# some inputs (40,000 characters of "\[" take 19 s, 8,000 take 0.8 s), and the final answer is at the end.
+MATH_TAIL_CHARS = 4000
+MATH_TIMEOUT_S = 5  # math-verify's own default, per parse and per comparison
+
+
+def _boxed_unclosed(text: str) -> bool:
+    """Whether the last `\\boxed{` of `text` is never closed (an answer cut off mid-way)."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return False
+    depth = 0
+    for char in text[start + len("\\boxed"):]:
+        depth += (char == "{") - (char == "}")
+        if depth == 0:
+            return False
+    return True
+
+
+def _require_math_verify() -> None:
+    """Raise RewardError naming the fix when the optional math-verify package is missing."""
+    try:
+        import math_verify  # noqa: F401
+    except ImportError:
+        raise RewardError("math_answer needs the math-verify package: pip install 'jaxrl_llm[math]'") from None
+
+
+def _math_timeout() -> int | None:
+    """Seconds math-verify may spend per parse and per comparison; None (no limit) off the main thread."""
+    # math-verify times out with signal.alarm, which only the main thread may call (elsewhere it raises
+    # ValueError). Rewards also run on worker threads (sampling.overlap's rollout thread, environment
+    # workers): there the timeouts are off, as in TRL's accuracy_reward. MATH_TAIL_CHARS bounds the parsing
+    # time there; a comparison that makes sympy evaluate a huge number (\boxed{9^{9^{9}}}) is not bounded.
+    return MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+def _read_math(text: str, timeout: int | None) -> list:
+    """What math-verify reads as the answer of `text` (sympy objects), or []: a boxed answer first (TRL,
+    open-r1), else the last LaTeX or plain expression or number."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+
+    extraction = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+    return parse(text, extraction, fallback_mode="no_fallback", parsing_timeout=timeout)
+
+
+def _math_gold(value, timeout: int | None) -> list:
+    """The gold answer `value` (a number or a string) as math-verify reads it when boxed; ValueError if it can't."""
+    text = str(value)
+    parsed = None if value is None else _read_math(text if "\\boxed" in text else f"\\boxed{{{text}}}", timeout)
+    if not parsed:
+        raise ValueError(f"answer {value!r} is no expression math-verify can read")
+    return parsed
+
+
+def _math_matches(completion: str, gold: list, timeout: int | None) -> bool:
+    """Whether the final answer of `completion` equals `gold`; garbage (whatever math-verify raises on) does not."""
+    from math_verify import verify
+    from math_verify.errors import TimeoutException
+
+    text = completion[-MATH_TAIL_CHARS:]
+    if _boxed_unclosed(text):
+        return False
+    try:
+        found = _read_math(text, timeout)
+        return bool(found) and verify(gold, found, timeout_seconds=timeout)
+    except (Exception, TimeoutException):  # TimeoutException is a BaseException
+        return False
+
+
+def math_answer(prompts, completions, answer, correct=1.0, incorrect=0.0, **fields) -> np.ndarray:
+    """`correct` where the completion's final answer equals `answer` as mathematics, else `incorrect`.
+
+    HF's Math-Verify (github.com/huggingface/Math-Verify), used as TRL's `accuracy_reward` and open-r1's
+    do: the completion's answer is its `\\boxed{...}` if any, else its last LaTeX or plain expression or
+    number (1/2, 1,234, 37.5%); the gold `answer`, a number or a string, is read as if boxed. Equivalent
+    forms match: \\frac{1}{2}, \\dfrac12, 1/2 and 0.5; 2\\sqrt{2} and \\sqrt{8}; x = 5 and 5; sets and
+    intervals. Only the last MATH_TAIL_CHARS characters are read; an unclosed last `\\boxed{` (an answer
+    cut off) or no readable answer scores `incorrect`. An unreadable gold answer is a data error: ValueError.
+    """
+    _require_math_verify()
+    timeout = _math_timeout()
+    golds = {key: _math_gold(value, timeout) for key, value in {str(a): a for a in answer}.items()}  # once a group
+    return np.asarray(
+        [correct if _math_matches(c, golds[str(a)], timeout) else incorrect for c, a in zip(completions, answer)],
+        np.float32,
+    )
+
+
+def _think_formatted(text: str) -> bool:
+    """Whether `text` is `<think>reasoning</think>answer`: one block of each tag, neither part blank."""
+    body = text.lstrip()
+    if text.count("<think>") != 1 or text.count("</think>") != 1 or not body.startswith("<think>"):
+        return False
+    reasoning, _, rest = body[len("<think>"):].partition("</think>")
+    return bool(reasoning.strip()) and bool(rest.strip())
+
+
+def think_format(prompts, completions, matched=1.0, unmatched=0.0, **fields) -> np.ndarray:
+    """`matched` where the completion reasons in `<think>` tags and then answers (DeepSeek-R1's format
+    reward, arXiv 2501.12948), else `unmatched`.
+
+    The rule: after optional leading whitespace the completion opens with `<think>`; it holds exactly one
+    `<think>` and one `</think>`; the reasoning between them and the answer after `</think>` are not
+    blank. TRL's `think_format_reward` (`^<think>(?!.*<think>)(.*?)</think>.*$`) also accepts empty
+    reasoning, an empty answer and a stray later `</think>`; open-r1's `format_reward` further requires
+    `<answer>` tags. As in TRL, a `<think>` opened by the chat template (in the prompt) does not count:
+    the completion must write its own.
+    """
+    return np.asarray([matched if _think_formatted(c) else unmatched for c in completions], np.float32)
+
+
+REGISTRY: Mapping[str, RewardFn] = types.MappingProxyType({
+    "arithmetic_exact": arithmetic_exact, "arithmetic_format": arithmetic_format, "math_answer": math_answer,
+    "preference_score": preference_score, "think_format": think_format,
+})
 
 
 def _import(path: str) -> RewardFn:

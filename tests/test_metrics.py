@@ -37,19 +37,19 @@ def test_missing_run_dir_is_a_clear_error(tmp_path):
         metrics.plot_runs([str(tmp_path / "r")], str(tmp_path / "x.png"))
 
 
-def test_tensorboard_when_enabled(tmp_path, monkeypatch):
+def test_tensorboard_when_listed(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setitem(sys.modules, "tensorboardX", None)
-        with pytest.raises(ConfigError, match="train.tensorboard=true needs tensorboardX: pip install tensorboardX"):
-            metrics.MetricsWriter(str(tmp_path / "without"), tensorboard=True)
-    pytest.importorskip("tensorboardX")
-    writer = metrics.MetricsWriter(str(tmp_path / "run"), tensorboard=True)
+        with pytest.raises(ConfigError, match=r"tensorboardX package: pip install 'jaxrl_llm\[tensorboard\]'"):
+            metrics.MetricsWriter(str(tmp_path / "without"), trackers=("jsonl", "tensorboard"))
+    writer = metrics.MetricsWriter(str(tmp_path / "run"), trackers=("tensorboard",), config={"seed": 7})
     writer.write(0, {"loss": 1.5, "reward/mean": 0.25})
     writer.close()
+    writer.close()  # closing twice does nothing
     events = os.listdir(tmp_path / "run" / "tensorboard")
     assert len(events) == 1 and events[0].startswith("events.out.tfevents")
     content = (tmp_path / "run" / "tensorboard" / events[0]).read_bytes()
-    assert b"reward/mean" in content and b"loss" in content
+    assert b"reward/mean" in content and b"loss" in content and b"seed" in content
 
 
 def test_a_resumed_writer_keeps_the_earlier_rows_on_disk_at_once(tmp_path):

@@ -61,7 +61,7 @@ def test_resolve_by_name_and_import_path(user_module):
     assert rewards.resolve("jaxrl_llm.rewards:arithmetic_format") is rewards.arithmetic_format
     with pytest.raises(RewardError, match=r"unknown reward function 'arithmetic_exct'; did you mean "
                                           r"'arithmetic_exact'\? built-in: arithmetic_exact, arithmetic_format, "
-                                          r"preference_score; or give module:function\."):
+                                          r"math_answer, preference_score, think_format; or give module:function\."):
         rewards.resolve("arithmetic_exct")
     with pytest.raises(RewardError, match=r"reward function 'lab_rewardz:brevity': cannot import module 'lab_rewardz' "
                                           r"\(No module named 'lab_rewardz'\)"):

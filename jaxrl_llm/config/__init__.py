@@ -14,6 +14,7 @@ from jaxrl_llm.config.schema import (
     DataSection,
     DPOSection,
     GRPOSection,
+    LoggingSection,
     MeshSection,
     ModelSection,
     OptimSection,
@@ -27,7 +28,7 @@ from jaxrl_llm.config.schema import (
 from jaxrl_llm.errors import ConfigError
 
 __all__ = [
-    "Config", "ConfigError", "DPOSection", "DataSection", "GRPOSection", "MeshSection",
+    "Config", "ConfigError", "DPOSection", "DataSection", "GRPOSection", "LoggingSection", "MeshSection",
     "ModelSection", "OptimSection", "PPOSection", "RMSection", "SamplingSection", "SyntheticSection",
     "TinyModel", "TrainSection", "changed_fields", "config_from_dict", "config_to_dict", "load_config",
     "save_config", "validate",

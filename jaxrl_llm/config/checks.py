@@ -9,13 +9,14 @@ belong to the chosen algorithm (`check_batch`, `check_task_fields`, `check_rewar
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
 
 import jax
 
-from jaxrl_llm import rewards
+from jaxrl_llm import metrics, rewards
 from jaxrl_llm.config.schema import Config
 from jaxrl_llm.data import TASK_FIELDS
 from jaxrl_llm.errors import ConfigError, RewardError, did_you_mean
@@ -245,6 +246,17 @@ def check_common(config: Config, max_positions: int | None = None) -> None:
     _check_env(config)
     _check_data_source(config)
     _check_policy_loss(config)
+    _check_trackers(config)
+
+
+def _check_trackers(config: Config) -> None:
+    """Each tracker listed once, and its package installed (before anything compiles)."""
+    trackers = config.logging.trackers
+    if len(set(trackers)) != len(trackers):
+        raise ConfigError(f"logging.trackers {list(trackers)} lists one twice; list each once.")
+    for tracker in trackers:
+        if metrics.tracker_missing(tracker):
+            raise ConfigError(metrics.tracker_missing(tracker) + " (or drop it from logging.trackers)")
 
 
 # ---------------------------------------------------------------- rules of one algorithm (run.registry)
@@ -327,6 +339,20 @@ def check_rewards(config: Config) -> None:
             rewards.resolve(name)
         except RewardError as error:
             raise ConfigError(f"grpo.reward_functions[{i}]: {error}") from None
+        if name == "math_answer":
+            _check_math_answer(config, i)
+
+
+def _check_math_answer(config: Config, i: int) -> None:
+    """math-verify is installed, and scores on the main thread, where its timeout works."""
+    if importlib.util.find_spec("math_verify") is None:
+        raise ConfigError(f"grpo.reward_functions[{i}] is math_answer, which needs the math-verify package: "
+                          "pip install 'jaxrl_llm[math]'")
+    if config.sampling.overlap:
+        # Overlapped rollouts are scored on a worker thread, where math-verify's signal-based timeout is off,
+        # and one answer such as \boxed{9^{9^{9}}} can keep sympy busy for good.
+        raise ConfigError(f"grpo.reward_functions[{i}] is math_answer, whose timeout needs the main thread, and "
+                          "sampling.overlap=true scores rollouts on a worker thread; set sampling.overlap=false.")
 
 
 def check_reward_model(config: Config) -> None:

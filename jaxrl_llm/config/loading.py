@@ -260,12 +260,27 @@ def _move_renamed(values: dict) -> dict:
     return values
 
 
+def _tensorboard_to_trackers(values: dict) -> dict:
+    """`values` with an old `train.tensorboard` as `logging.trackers` (true adds tensorboard, with a warning)."""
+    train = values.get("train")
+    if not isinstance(train, dict) or "tensorboard" not in train:
+        return values
+    values = {**values, "train": {k: v for k, v in train.items() if k != "tensorboard"}}
+    if train["tensorboard"] is True:
+        trackers = list((values.get("logging") or {}).get("trackers", ["jsonl"]))
+        trackers += [] if "tensorboard" in trackers else ["tensorboard"]
+        values = _merge(values, {"logging": {"trackers": trackers}})
+        warnings.warn(f"config key train.tensorboard is now logging.trackers; read as logging.trackers: {trackers}.",
+                      stacklevel=3)
+    return values
+
+
 def load_values(path: str | None = None, overrides=()) -> dict:
     """The nested mapping of a YAML preset (or {}) with `key.sub=value` overrides laid over it."""
     values = _read_preset(path) if path else {}
     for override in overrides:
         values = _apply_override(values, override)
-    return _move_renamed(values)
+    return _tensorboard_to_trackers(_move_renamed(values))
 
 
 def load_config(path: str | None = None, overrides=(), max_positions: int | None = None) -> Config:

@@ -14,6 +14,7 @@ from typing import Literal
 
 from jaxrl_llm.core import advantages, correction, losses
 from jaxrl_llm.data import OPERATORS, PROMPT_OVERFLOW
+from jaxrl_llm.metrics import TRACKERS
 from jaxrl_llm.models import precision, quantize
 from jaxrl_llm.models.transformer import ATTENTION_KINDS, DTYPES, REMAT_POLICIES
 from jaxrl_llm.padding import BUCKETS
@@ -248,12 +249,21 @@ class TrainSection:
     keep_checkpoints: int = 3
     resume: bool = False
     export_hf: bool = False  # write the final policy to RUN_DIR/hf
-    tensorboard: bool = False
     # SFT steps on the task's reference completions before an RL algorithm starts, so a random
     # tiny model can earn reward (default.yaml); at a constant learning rate after optim.warmup_steps.
     sft_warmup_steps: int = 0
     sft_warmup_lr: float | None = None  # None: optim.lr
     sft_warmup_batch_size: int | None = None  # None: data.batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingSection:
+    """Where each step's metrics, the config and the final plot go (process 0 only). RUN_DIR/metrics.jsonl
+    is always written, listed or not: resume, plots and summaries read it."""
+
+    trackers: tuple[Literal[TRACKERS], ...] = ("jsonl",)
+    project: str = "jaxrl_llm"  # the W&B / trackio project
+    name: str | None = None  # the tracker's run name; None: the run_dir's folder name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,5 +322,6 @@ class Config:
     dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
     rm: RMSection = dataclasses.field(default_factory=RMSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    logging: LoggingSection = dataclasses.field(default_factory=LoggingSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     env: EnvSection = dataclasses.field(default_factory=EnvSection)

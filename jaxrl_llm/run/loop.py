@@ -165,10 +165,20 @@ def run_phase(
         save_config(config, os.path.join(config.run_dir, "config.yaml"))
     if phase.evaluate and t.eval_every and start == 0:
         before = {f"before/{k}": float(v) for k, v in phase.evaluate(state).items()}
-    o = config.optim
+    # One writer per run, however many processes; it stays open until the final plot has gone to its trackers.
+    writer = outputs.metrics_writer(config, start) if jax.process_index() == 0 and start < t.total_steps else None
+    try:
+        return _steps(config, phase, policy, state, step_fn, manager, start, before, writer, quiet, emit)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _steps(config: Config, phase: Phase, policy: Policy, state, step_fn, manager, start: int, before: dict,
+           writer: metrics_lib.MetricsWriter | None, quiet: bool, emit: Events) -> RunResult:
+    """Steps `start`.. of the phase, then its final evaluation, summary, plot and export."""
+    t, o = config.train, config.optim
     lr_at = learning_rate_schedule(o.lr, decay_steps(config), o.schedule, o.warmup_steps)
-    main = jax.process_index() == 0  # one writer per run, however many processes
-    writer = metrics_lib.MetricsWriter(config.run_dir, t.tensorboard, start) if main else None
     base_key = stream_key(config.seed, STEP)
     bar = None if quiet else _progress(t.total_steps, start)
     row, done = {}, start - 1  # `done`: the last step whose update is in `state`
@@ -212,8 +222,6 @@ def run_phase(
     finally:
         if queue is not None:
             queue.close()
-        if writer is not None:
-            writer.close()
         if bar is not None:
             bar.close()
     if done >= start and manager.latest_step() != done:
@@ -228,7 +236,7 @@ def run_phase(
         row = metrics_lib.read_summary(config.run_dir) or _last_row(config.run_dir)
     row.update(before)
     trained = dataclasses.replace(policy, params=phase.policy_params(state))
-    outputs.finish(config, trained, row, quiet)
+    outputs.finish(config, trained, row, quiet, writer)
     return RunResult(config.run_dir, trained, row)
 
 

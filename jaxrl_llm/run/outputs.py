@@ -9,7 +9,7 @@ import jax
 
 from jaxrl_llm import metrics as metrics_lib
 from jaxrl_llm import sharding
-from jaxrl_llm.config import Config
+from jaxrl_llm.config import Config, config_to_dict
 from jaxrl_llm.errors import TrainingError
 from jaxrl_llm.models import lora, peft
 from jaxrl_llm.models.load import export_hf
@@ -45,9 +45,17 @@ def export(config: Config, policy: Policy) -> None:
         peft.save_adapter(os.path.join(config.run_dir, "adapter"), adapters, policy.config, config.model.source)
 
 
-def finish(config: Config, policy: Policy, last: dict, quiet: bool) -> None:
-    """Export to RUN_DIR/hf (and RUN_DIR/adapter) if asked, draw RUN_DIR/metrics.png, write and print
-    the summary (files are written by process 0 of a multi-host run)."""
+def metrics_writer(config: Config, start_step: int) -> metrics_lib.MetricsWriter:
+    """The run's metrics.jsonl, and its `logging.trackers` given the whole config."""
+    lg = config.logging
+    return metrics_lib.MetricsWriter(config.run_dir, start_step, lg.trackers, lg.project, lg.name,
+                                     config_to_dict(config))
+
+
+def finish(config: Config, policy: Policy, last: dict, quiet: bool,
+           writer: metrics_lib.MetricsWriter | None = None) -> None:
+    """Export to RUN_DIR/hf (and RUN_DIR/adapter) if asked, draw RUN_DIR/metrics.png (and send it to the
+    `writer`'s trackers), write and print the summary (files are written by process 0 of a multi-host run)."""
     if config.train.export_hf:
         export(config, policy)
     if jax.process_index() != 0:
@@ -55,9 +63,11 @@ def finish(config: Config, policy: Policy, last: dict, quiet: bool) -> None:
     summary = {k: float(v) for k, v in last.items()}
     metrics_lib.write_summary(config.run_dir, summary)
     try:  # after summary.json, whose before-training evaluation starts the eval curves
-        metrics_lib.plot_runs([config.run_dir], os.path.join(config.run_dir, "metrics.png"))
+        plot = metrics_lib.plot_runs([config.run_dir], os.path.join(config.run_dir, "metrics.png"))
     except ValueError:
-        pass  # nothing plottable was logged (e.g. zero steps run)
+        plot = None  # nothing plottable was logged (e.g. zero steps run)
+    if plot and writer is not None:
+        writer.add_plot(plot)
     if not quiet:
         print(f"\n{config.algorithm} run in {config.run_dir}")
         for name in sorted(summary):

@@ -160,8 +160,9 @@ class Rollouts:
             "eval/response_length": float(np.mean(sharding.to_host(out.lengths_R))),
         }
         result.update({f"eval/{name}": float(np.mean(v)) for name, v in parts.items()})
-        if "arithmetic_exact" in parts:
-            result["eval/accuracy"] = float(np.mean(parts["arithmetic_exact"] > 0))
+        exact = [name for name in ("arithmetic_exact", "math_answer") if name in parts]
+        if exact:  # the share of answers a verifier accepts
+            result["eval/accuracy"] = float(np.mean(parts[exact[0]] > 0))
         return result, texts
 
 

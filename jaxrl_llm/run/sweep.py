@@ -107,6 +107,11 @@ def _checked(config: Config, setting: dict) -> Config:
                 "sampling.overlap is not supported in a sweep (its runs generate in one synchronous call); "
                 "set sampling.overlap=false, or train the run alone."
             )
+        if "trackio" in config.logging.trackers:
+            raise ConfigError(
+                "logging.trackers lists trackio, which holds one run per process, and a sweep's runs log at once; "
+                "use wandb or tensorboard for a sweep, or train the runs alone."
+            )
         return registry.check(config)
     except ConfigError as error:
         raise ConfigError(f"sweep run {label(setting)}: {error}") from None
@@ -387,89 +392,92 @@ class VmappedRuns:
                 save_config(config, os.path.join(config.run_dir, "config.yaml"))
         if t.eval_every and start == 0 and phases[0].evaluate:
             befores = [{f"before/{k}": float(v) for k, v in self.evaluate(state, n).items()} for n in range(N)]
-        writers = [metrics_lib.MetricsWriter(c.run_dir, t.tensorboard, start) for c in configs]
-        lrs = [learning_rate_schedule(c.optim.lr, decay_steps(c), c.optim.schedule, c.optim.warmup_steps)
-               for c in configs]
-        meta = lambda n, s: {"step": s, "algorithm": configs[n].algorithm, "config": config_to_dict(configs[n]),
-                             "before": befores[n]}
-        failed: dict[int, str] = {}
-        rows = [{} for _ in range(N)]
-        done = start - 1
-        bar = None if quiet else _progress(t.total_steps, start)
-        stop = StopRequests()
-        for config in configs:
-            emit("started", config.run_dir, start)
+        writers = [outputs.metrics_writer(c, start) for c in configs]
         try:
-            with stop:
-                for step in range(start, t.total_steps):
-                    if stop.signal is not None:
-                        break
-                    if batch is None:
-                        batch, hosts = self.make_batch(state, step)
-                    began = time.perf_counter()
-                    state, out = self.step(state, batch, keys_of(step))
-                    done = step
-                    for config in configs:
-                        emit("step", config.run_dir, step)
-                    out = jax.device_get(out)
-                    seconds = time.perf_counter() - began
-                    evaluate = phases[0].evaluate and t.eval_every and (step + 1) % t.eval_every == 0
-                    for n in range(N):
-                        if n in failed:
-                            continue
-                        host = dict(hosts[n])
-                        host["time/train"] = seconds
-                        host["lr"] = float(lrs[n](step))
-                        # the run's own tokens over the program's step (all runs) and generation
-                        host["tokens_per_s"] = _num_tokens(batch, n) / (seconds + host.get("time/generation", 0.0))
-                        if evaluate:
-                            host.update(self.evaluate(state, n))
-                        row = {name: float(np.asarray(value)) for name, value in {**_run_row(out, n), **host}.items()}
-                        try:
-                            _finite_or_raise(step, row)
-                        except TrainingError as error:
-                            failed[n] = f"{configs[n].run_dir}: {error}"
-                            print(f"\n{failed[n]} (the sweep's other runs go on)")
-                            continue
-                        rows[n] = row
-                        evaluated = any(name.startswith("eval/") for name in host)
-                        if step % t.log_every == 0 or evaluated or step == t.total_steps - 1:
-                            writers[n].write(step, row)
-                    batch = None
-                    if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
-                        self._save(managers, state, step, meta, failed)
-                    if bar is not None:
-                        bar.update(1)
-                        shown = {k: np.mean([rows[n][k] for n in range(N) if k in rows[n]]) for k in CONSOLE_METRICS
-                                 if any(k in r for r in rows)}
-                        bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
-        except KeyboardInterrupt:
-            stop.signal = stop.signal or signal.SIGINT
-            if any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
-                raise
+            lrs = [learning_rate_schedule(c.optim.lr, decay_steps(c), c.optim.schedule, c.optim.warmup_steps)
+                   for c in configs]
+            meta = lambda n, s: {"step": s, "algorithm": configs[n].algorithm, "config": config_to_dict(configs[n]),
+                                 "before": befores[n]}
+            failed: dict[int, str] = {}
+            rows = [{} for _ in range(N)]
+            done = start - 1
+            bar = None if quiet else _progress(t.total_steps, start)
+            stop = StopRequests()
+            for config in configs:
+                emit("started", config.run_dir, start)
+            try:
+                with stop:
+                    for step in range(start, t.total_steps):
+                        if stop.signal is not None:
+                            break
+                        if batch is None:
+                            batch, hosts = self.make_batch(state, step)
+                        began = time.perf_counter()
+                        state, out = self.step(state, batch, keys_of(step))
+                        done = step
+                        for config in configs:
+                            emit("step", config.run_dir, step)
+                        out = jax.device_get(out)
+                        seconds = time.perf_counter() - began
+                        evaluate = phases[0].evaluate and t.eval_every and (step + 1) % t.eval_every == 0
+                        for n in range(N):
+                            if n in failed:
+                                continue
+                            host = dict(hosts[n])
+                            host["time/train"] = seconds
+                            host["lr"] = float(lrs[n](step))
+                            # the run's own tokens over the program's step (all runs) and generation
+                            host["tokens_per_s"] = _num_tokens(batch, n) / (seconds + host.get("time/generation", 0.0))
+                            if evaluate:
+                                host.update(self.evaluate(state, n))
+                            row = {name: float(np.asarray(value))
+                                   for name, value in {**_run_row(out, n), **host}.items()}
+                            try:
+                                _finite_or_raise(step, row)
+                            except TrainingError as error:
+                                failed[n] = f"{configs[n].run_dir}: {error}"
+                                print(f"\n{failed[n]} (the sweep's other runs go on)")
+                                continue
+                            rows[n] = row
+                            evaluated = any(name.startswith("eval/") for name in host)
+                            if step % t.log_every == 0 or evaluated or step == t.total_steps - 1:
+                                writers[n].write(step, row)
+                        batch = None
+                        if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0:
+                            self._save(managers, state, step, meta, failed)
+                        if bar is not None:
+                            bar.update(1)
+                            shown = {k: np.mean([rows[n][k] for n in range(N) if k in rows[n]]) for k in CONSOLE_METRICS
+                                     if any(k in r for r in rows)}
+                            bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+            except KeyboardInterrupt:
+                stop.signal = stop.signal or signal.SIGINT
+                if any(leaf.is_deleted() for leaf in jax.tree.leaves(state)):
+                    raise
+            finally:
+                if bar is not None:
+                    bar.close()
+            if done >= start and managers[0].latest_step() != done:
+                self._save(managers, state, done, meta, failed)
+            if stop.signal is not None:
+                name = "terminated (SIGTERM)" if stop.signal == signal.SIGTERM else "interrupted"
+                print(f"\n{name}: step {done} of every run is saved; resume the sweep with train.resume=true")
+                raise Terminated() if stop.signal == signal.SIGTERM else KeyboardInterrupt()
+            results = []
+            for n, config in enumerate(configs):
+                row = rows[n]
+                if phases[n].evaluate and n not in failed:
+                    row.update(self.evaluate(state, n))
+                row.update(befores[n])
+                results.append(self._result(n, self.run_state(state, n), row))
+                if n not in failed:
+                    outputs.finish(config, results[-1].policy, row, quiet=True, writer=writers[n])
+            if failed:
+                raise TrainingError("runs of the sweep stopped early: " + "; ".join(failed.values()))
+            return results
         finally:
-            for writer in writers:
+            for writer in writers:  # after the final plots went to the trackers
                 writer.close()
-            if bar is not None:
-                bar.close()
-        if done >= start and managers[0].latest_step() != done:
-            self._save(managers, state, done, meta, failed)
-        if stop.signal is not None:
-            name = "terminated (SIGTERM)" if stop.signal == signal.SIGTERM else "interrupted"
-            print(f"\n{name}: step {done} of every run is saved; resume the sweep with train.resume=true")
-            raise Terminated() if stop.signal == signal.SIGTERM else KeyboardInterrupt()
-        results = []
-        for n, config in enumerate(configs):
-            row = rows[n]
-            if phases[n].evaluate and n not in failed:
-                row.update(self.evaluate(state, n))
-            row.update(befores[n])
-            results.append(self._result(n, self.run_state(state, n), row))
-            if n not in failed:
-                outputs.finish(config, results[-1].policy, row, quiet=True)
-        if failed:
-            raise TrainingError("runs of the sweep stopped early: " + "; ".join(failed.values()))
-        return results
 
     def _result(self, n: int, run_state, row: dict) -> RunResult:
         trained = dataclasses.replace(self.policies[n], params=self.phases[n].policy_params(run_state))
