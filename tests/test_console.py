@@ -1,5 +1,5 @@
-"""The installed commands (`jaxrl-train`, `jaxrl-eval`, `jaxrl-plot`, `jaxrl-sweep`) are the functions
-behind `python train.py` and `python -m jaxrl_llm.eval | .plot | .sweep`, and work from any folder;
+"""The installed commands (`jaxrl-train`, `jaxrl-eval`, `jaxrl-plot`, `jaxrl-sweep`, `jaxrl-export`) are the
+functions behind `python train.py` and `python -m jaxrl_llm.eval | .plot | .sweep | .export`, and work from any folder;
 the README's install lines name extras that pyproject.toml defines."""
 
 import importlib.metadata
@@ -12,7 +12,7 @@ import sysconfig
 
 import tomllib
 
-from jaxrl_llm import cli, plot, sweep
+from jaxrl_llm import cli, export, plot, sweep
 from jaxrl_llm import eval as eval_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +22,7 @@ TINY = [
     "train.total_steps=2", "train.eval_every=0",
 ]
 COMMANDS = {"jaxrl-train": cli.train_main, "jaxrl-eval": eval_cli.main, "jaxrl-plot": plot.main,
-            "jaxrl-sweep": sweep.main}
+            "jaxrl-sweep": sweep.main, "jaxrl-export": export.main}
 # The README's install lines, verbatim.
 INSTALLS = [
     "pip install -e '.[cuda]'",

@@ -14,9 +14,10 @@ LAYERS = (
     ("sampling", "sharding"),
     ("algorithms", "envs"),
     ("run",),
-    ("cli", "eval", "plot", "sweep", "__init__"),
+    ("cli", "eval", "plot", "sweep", "export", "__init__"),
 )
-COMMAND_LINES = ("jaxrl_llm.cli", "jaxrl_llm.eval", "jaxrl_llm.plot", "jaxrl_llm.sweep", "jaxrl_llm")
+COMMAND_LINES = ("jaxrl_llm.cli", "jaxrl_llm.eval", "jaxrl_llm.plot", "jaxrl_llm.sweep", "jaxrl_llm.export",
+                 "jaxrl_llm")
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from jaxrl_llm.algorithms.common import score_tokens
 from jaxrl_llm.algorithms.grpo import GRPOState, make_grpo_step
@@ -339,6 +340,15 @@ def test_a_lora_run_checkpoints_only_adapters_resumes_exactly_and_exports_both_w
     assert lora.split(result.policy.params)[1]
     report = evaluate(straight, str(tmp_path / "a"), samples=1)
     np.testing.assert_allclose(report["eval/reward"], result.metrics["eval/reward"])
+    # jaxrl_llm.export of the last checkpoint writes the same merged folder and adapter as the run did.
+    from jaxrl_llm.export import export_run
+
+    again = export_run(str(tmp_path / "a"), out=str(tmp_path / "again"))
+    for name in ("hf/model.safetensors", "adapter/adapter_model.safetensors"):
+        ours, theirs = (safetensors.numpy.load_file(os.path.join(d, name)) for d in (again, tmp_path / "a"))
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{name} {key}")
 
 
 def test_a_run_starts_from_a_saved_adapter_and_eval_takes_one(tmp_path):

@@ -17,6 +17,7 @@ from jaxrl_llm import checkpoint
 from jaxrl_llm.config import load_config
 from jaxrl_llm.errors import TrainingError
 from jaxrl_llm.metrics import MetricsWriter
+from jaxrl_llm.models.load import load_model, load_scalar_model
 from jaxrl_llm.run.examples import prepare_examples
 from jaxrl_llm.run.loop import run_phase, train
 from jaxrl_llm.run.outputs import finish
@@ -171,6 +172,33 @@ def test_rlhf_pipeline_sft_rm_ppo_and_dpo(tmp_path):
         assert name in last, name
     dpo = train(config("dpo", tmp_path / "dpo", f"model.source={sft_hf}", *short), quiet=True)
     assert rows(dpo.run_dir)[0]["loss"] == pytest.approx(np.log(2.0), rel=1e-5)
+    # Every stage hands back its model by default: transformers computes what we compute.
+    for result in (sft, rm, ppo, dpo):
+        assert_transformers_agrees(os.path.join(result.run_dir, "hf"), result.policy.params)
+    critic_hf = os.path.join(ppo.run_dir, "critic_hf")
+    assert_transformers_agrees(critic_hf, load_scalar_model(critic_hf).params)
+    with open(os.path.join(ppo.run_dir, "hf", "README.md")) as file:
+        card = file.read()
+    assert "ppo policy" in card and "eval/preference_score" in card and "AutoModelForCausalLM" in card
+
+
+def assert_transformers_agrees(folder: str, params) -> None:
+    """transformers loads `folder` and computes what our model computes with `params` (a reward or value
+    model's score up to its head's bias, which HF's classifier lacks)."""
+    import torch
+    import transformers
+
+    scalar = "head" in params
+    ours_model = (load_scalar_model if scalar else load_model)(folder)
+    tokens_BxT = np.arange(3, 11, dtype=np.int32)[None] % ours_model.config.vocab_size
+    ours = np.asarray(ours_model.logits(params, tokens_BxT, np.ones_like(tokens_BxT)))
+    auto = transformers.AutoModelForSequenceClassification if scalar else transformers.AutoModelForCausalLM
+    with torch.no_grad():
+        theirs = auto.from_pretrained(folder, dtype=torch.float32).eval()(
+            input_ids=torch.as_tensor(tokens_BxT, dtype=torch.long)).logits.numpy()
+    if scalar:
+        ours, theirs = ours[:, -1] - np.asarray(params["head"]["bias"]), theirs[:, 0]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(theirs).max()))
 
 
 def test_grpo_with_a_reward_model_as_reward_function(tmp_path):
@@ -185,6 +213,7 @@ def test_grpo_with_a_reward_model_as_reward_function(tmp_path):
     ), quiet=True)
     last = rows(run.run_dir)[-1]
     assert "reward/reward_model" in last and "reward/preference_score" in last and last["tokens_per_s"] > 0
+    assert_transformers_agrees(os.path.join(run.run_dir, "hf"), run.policy.params)
 
 
 @pytest.mark.parametrize("preset", ["gspo", "sapo", "dr_grpo"])

@@ -248,7 +248,7 @@ class TrainSection:
     checkpoint_every: int = 500  # 0: only at the end
     keep_checkpoints: int = 3
     resume: bool = False
-    export_hf: bool = False  # write the final policy to RUN_DIR/hf
+    export_hf: bool = True  # the final model to RUN_DIR/hf (PPO's critic to RUN_DIR/critic_hf)
     # SFT steps on the task's reference completions before an RL algorithm starts, so a random
     # tiny model can earn reward (default.yaml); at a constant learning rate after optim.warmup_steps.
     sft_warmup_steps: int = 0

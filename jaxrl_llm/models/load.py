@@ -202,6 +202,23 @@ def load_model(
     return LoadedModel(config, params, ckpt.tokenizer, Transformer(config))
 
 
+def _shard_files(tensors: dict, max_shard_bytes: int) -> dict:
+    """{file name: tensors, or the index's JSON text}: one model.safetensors, or shards in tensor order
+    (each at most `max_shard_bytes` unless one tensor is larger) and their index."""
+    total = sum(t.nbytes for t in tensors.values())
+    if total <= max_shard_bytes:
+        return {"model.safetensors": tensors}
+    shards, size = [{}], 0
+    for name, tensor in tensors.items():
+        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
+            shards, size = [*shards, {}], 0
+        shards[-1][name], size = tensor, size + tensor.nbytes
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {tensor: file for file, shard in zip(names, shards) for tensor in shard}
+    index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    return {**dict(zip(names, shards)), "model.safetensors.index.json": index}
+
+
 def load_scalar_model(
     source: str | Path, key: jax.Array | None = None, dtype: str = "float32",
     param_dtype: str | None = None, placement: Placement | None = None, **overrides: Any,
@@ -242,11 +259,16 @@ def _fresh_head(config: ModelConfig, key: jax.Array) -> dict:
     return init_params(config, key, scalar_head=True)["head"]
 
 
+MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
+
+
 def export_hf(
     loaded_or_params: LoadedModel | dict, folder: str | Path, config: ModelConfig | None = None,
-    tokenizer: Any = None,
+    tokenizer: Any = None, max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
-    """Write an HF folder transformers loads: model.safetensors, config.json, tokenizer files.
+    """Write an HF folder transformers loads: config.json, tokenizer files, and model.safetensors, or
+    above `max_shard_bytes` shards model-0000i-of-0000n.safetensors with model.safetensors.index.json
+    (transformers' layout, so a 7B model never needs one file over 5 GB).
 
     A ScalarModel tree ({"model", "head"}) is written as `*ForSequenceClassification`. Explicit
     `config` / `tokenizer` override those of a LoadedModel.
@@ -261,17 +283,26 @@ def export_hf(
     scalar = "head" in params
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    files = _shard_files(hf_tensors(params, config, scalar), max_shard_bytes)
     # Written beside the old files and swapped in at the end, so a failure or a kill mid-export
-    # leaves a previous export (perhaps another run's reward model) whole.
-    weights, hf_config = folder / ".model.safetensors.partial", folder / ".config.json.partial"
+    # leaves a previous export (perhaps another run's reward model) whole; the index goes last.
+    partial = {name: folder / f".{name}.partial" for name in files}
     try:
-        safetensors.numpy.save_file(hf_tensors(params, config, scalar), str(weights), metadata={"format": "pt"})
-        hf_config.write_text(json.dumps(config_to_hf(config, tokenizer, scalar), indent=2))
-        os.replace(weights, folder / "model.safetensors")
-        os.replace(hf_config, folder / "config.json")
+        for name, content in files.items():
+            if isinstance(content, dict):
+                safetensors.numpy.save_file(content, str(partial[name]), metadata={"format": "pt"})
+            else:
+                partial[name].write_text(content)
+        partial["config.json"] = folder / ".config.json.partial"
+        partial["config.json"].write_text(json.dumps(config_to_hf(config, tokenizer, scalar), indent=2))
+        stale = [f for f in folder.glob("model*.safetensors*") if f.name not in partial]
+        for name in sorted(partial, key=lambda name: name.endswith(".json")):
+            os.replace(partial[name], folder / name)
+        for old in stale:  # the other layout's files, or shards of a larger export, would shadow the new one
+            old.unlink()
     finally:
-        weights.unlink(missing_ok=True)
-        hf_config.unlink(missing_ok=True)
+        for path in partial.values():
+            path.unlink(missing_ok=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
         special_ids = tokenizer_lib.special_token_ids(tokenizer)

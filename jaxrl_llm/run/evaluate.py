@@ -14,7 +14,7 @@ from jaxrl_llm.errors import ConfigError, TrainingError
 from jaxrl_llm.models import lora, peft
 from jaxrl_llm.run.examples import prepare_examples
 from jaxrl_llm.run.multiturn import rollouts_of
-from jaxrl_llm.run.policy import Policy, load_policy, lora_base
+from jaxrl_llm.run.policy import Policy, load_policy, load_scalar, lora_base
 from jaxrl_llm.run.registry import algorithm, check
 from jaxrl_llm.run.rollouts import evaluation_rewards, reward_function
 
@@ -46,16 +46,35 @@ def _trained_policy(config: Config, source: str) -> Policy:
         if not os.path.isdir(hf):
             raise TrainingError(f"{source} holds neither checkpoints/ nor hf/; train it first.")
         return load_policy(config, hf)
-    state = manager.restore(manager.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    trained = state.get("policy") or state.get("actor") or state  # GRPO/DPO, PPO, SFT states
-    if "head" in trained["params"]:
+    policy, _ = run_models(source)
+    if "head" in policy.params:
         raise TrainingError(f"{source} is a reward/value model run; evaluate a policy (sft, grpo, ppo, dpo run).")
-    own = load_config(os.path.join(source, "config.yaml"))  # the run's own architecture and tokenizer
-    warm = os.path.join(source, "sft_warmup")
+    return policy
+
+
+def run_models(run_dir: str, step: int | None = None) -> tuple[Policy, Policy | None]:
+    """(the trained model, the PPO critic or None) of a run folder's checkpoint at `step` (default its
+    latest), in the architecture of the run's own config.yaml: a LoRA run's adapters on the base it
+    trained them on, a reward model with its head."""
+    manager = checkpoint.checkpoint_manager(os.path.join(run_dir, "checkpoints"))
+    steps = manager.all_steps()
+    if not steps or (step is not None and step not in steps):
+        raise TrainingError(f"{run_dir} has no checkpoint of step {step}; it has steps {sorted(steps)}."
+                            if steps else f"{run_dir} holds no checkpoints; train it first.")
+    step = max(steps) if step is None else step
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    trained = state.get("policy") or state.get("actor") or state  # GRPO/DPO, PPO, SFT/RM states
+    own = load_config(os.path.join(run_dir, "config.yaml"))  # the run's own architecture and tokenizer
+    warm = os.path.join(run_dir, "sft_warmup")
     start = _trained_policy(own, warm) if own.model.lora.rank and is_run_dir(warm) else load_policy(own)
-    if start.config.lora is None:
-        return dataclasses.replace(start, params=trained["params"])
-    return dataclasses.replace(start, params=lora.combine(lora_base(own, start), trained["params"]))
+    params = trained["params"]
+    if start.config.lora is not None:
+        params = lora.combine(lora_base(own, start), params)
+    critic = None
+    if "critic" in state and not own.model.lora.rank:  # a LoRA critic's frozen trunk is not in the checkpoint
+        critic_config = load_scalar(own, own.model.critic_path).config if own.model.critic_path else start.config
+        critic = Policy(critic_config, state["critic"]["params"], start.tokenizer)
+    return dataclasses.replace(start, params=params), critic
 
 
 def evaluate(

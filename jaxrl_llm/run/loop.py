@@ -236,7 +236,8 @@ def _steps(config: Config, phase: Phase, policy: Policy, state, step_fn, manager
         row = metrics_lib.read_summary(config.run_dir) or _last_row(config.run_dir)
     row.update(before)
     trained = dataclasses.replace(policy, params=phase.policy_params(state))
-    outputs.finish(config, trained, row, quiet, writer)
+    critic = phase.critic(state) if phase.critic else None
+    outputs.finish(config, trained, row, quiet, writer, critic)
     return RunResult(config.run_dir, trained, row)
 
 

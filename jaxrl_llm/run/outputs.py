@@ -12,7 +12,8 @@ from jaxrl_llm import sharding
 from jaxrl_llm.config import Config, config_to_dict
 from jaxrl_llm.errors import TrainingError
 from jaxrl_llm.models import lora, peft
-from jaxrl_llm.models.load import export_hf
+from jaxrl_llm.models.load import MAX_SHARD_BYTES, export_hf
+from jaxrl_llm.run import registry
 from jaxrl_llm.run.policy import Policy
 
 
@@ -30,19 +31,63 @@ def writable(run_dir: str) -> None:
         ) from None
 
 
-def export(config: Config, policy: Policy) -> None:
-    """RUN_DIR/hf, a folder transformers loads (LoRA merged into the base), and for a LoRA policy also
-    RUN_DIR/adapter, a PEFT adapter folder for the base model (`PeftModel.from_pretrained`)."""
-    params = policy.params
-    if policy.config.lora is not None:
-        params = lora.merge_jit(params, policy.config)
-    params = sharding.to_host(params)  # every process joins
-    adapters = sharding.to_host(lora.split(policy.params)[1]) if policy.config.lora is not None else None
-    if jax.process_index() != 0:
-        return
-    export_hf(params, os.path.join(config.run_dir, "hf"), policy.config, policy.tokenizer)
-    if adapters and "head" not in policy.params:  # PEFT's causal-LM adapters; a reward model exports merged only
-        peft.save_adapter(os.path.join(config.run_dir, "adapter"), adapters, policy.config, config.model.source)
+def export(config: Config, policy: Policy, summary: dict, root: str | None = None, critic: Policy | None = None,
+           max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """ROOT/hf (ROOT: the run_dir unless given), a folder transformers loads (LoRA merged into the base;
+    a reward model as a sequence classifier) with a model card; for a LoRA policy also ROOT/adapter, a
+    PEFT adapter folder for the base model (`PeftModel.from_pretrained`); a PPO critic as ROOT/critic_hf."""
+    root = root or config.run_dir
+    models = [("hf", policy)] + ([("critic_hf", critic)] if critic is not None else [])
+    for name, model in models:
+        params = lora.merge_jit(model.params, model.config) if model.config.lora is not None else model.params
+        params = sharding.to_host(params)  # every process joins
+        if jax.process_index() != 0:
+            continue
+        folder = os.path.join(root, name)
+        export_hf(params, folder, model.config, model.tokenizer, max_shard_bytes)
+        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as file:
+            file.write(model_card(config, summary, folder, scalar="head" in params, critic=name == "critic_hf"))
+    if policy.config.lora is not None and "head" not in policy.params:  # PEFT's causal-LM adapters
+        adapters = sharding.to_host(lora.split(policy.params)[1])
+        if jax.process_index() == 0:
+            peft.save_adapter(os.path.join(root, "adapter"), adapters, policy.config, config.model.source)
+
+
+def model_card(config: Config, summary: dict, folder: str, scalar: bool, critic: bool = False) -> str:
+    """The README.md of an exported model: where it came from, how it was trained, its final
+    evaluation, and how transformers loads it."""
+    kind = "value model (PPO critic)" if critic else "reward model" if scalar else "policy"
+    auto = "AutoModelForSequenceClassification" if scalar else "AutoModelForCausalLM"
+    section = registry.algorithm(config).section
+    settings = {"algorithm": config.algorithm, "model.source": config.model.source, "seed": config.seed,
+                "data.task": config.data.task, "data.batch_size": config.data.batch_size,
+                "train.total_steps": config.train.total_steps, "optim.lr": config.optim.lr,
+                "optim.schedule": config.optim.schedule}
+    if config.model.lora.rank:
+        settings.update({"model.lora.rank": config.model.lora.rank, "model.lora.alpha": config.model.lora.alpha})
+    if section:  # the algorithm's own settings
+        values = config_to_dict(getattr(config, section)).items()
+        settings.update({f"{section}.{k}": v for k, v in values if not isinstance(v, dict)})
+    evals = sorted(k for k in summary if k.startswith("eval/"))
+    lines = [
+        "---", "library_name: transformers", f"tags: [jaxrl_llm, {config.algorithm}]", "---", "",
+        f"# {os.path.basename(os.path.normpath(config.run_dir))}: {config.algorithm} {kind}", "",
+        f"Trained with jaxrl_llm ({config.algorithm}) from `{config.model.source}`; the "
+        f"run's config is `{os.path.join(config.run_dir, 'config.yaml')}`.", "",
+        "## Settings", "", "| setting | value |", "|---|---|",
+        *[f"| `{k}` | `{v}` |" for k, v in settings.items()], "",
+    ]
+    if evals:
+        lines += ["## Held-out evaluation", "", "| metric | before training | after |", "|---|---|---|",
+                  *[f"| {k} | {_number(summary.get('before/' + k))} | {_number(summary[k])} |" for k in evals], ""]
+    lines += ["## Load it", "", "```python", f"from transformers import {auto}, AutoTokenizer", "",
+              f'model = {auto}.from_pretrained("{folder}")', f'tokenizer = AutoTokenizer.from_pretrained("{folder}")',
+              "```", ""]
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
 
 
 def metrics_writer(config: Config, start_step: int) -> metrics_lib.MetricsWriter:
@@ -53,11 +98,12 @@ def metrics_writer(config: Config, start_step: int) -> metrics_lib.MetricsWriter
 
 
 def finish(config: Config, policy: Policy, last: dict, quiet: bool,
-           writer: metrics_lib.MetricsWriter | None = None) -> None:
-    """Export to RUN_DIR/hf (and RUN_DIR/adapter) if asked, draw RUN_DIR/metrics.png (and send it to the
-    `writer`'s trackers), write and print the summary (files are written by process 0 of a multi-host run)."""
+           writer: metrics_lib.MetricsWriter | None = None, critic: Policy | None = None) -> None:
+    """Export to RUN_DIR/hf (RUN_DIR/adapter, RUN_DIR/critic_hf) unless train.export_hf=false, draw
+    RUN_DIR/metrics.png (and send it to the `writer`'s trackers), write and print the summary (files are
+    written by process 0 of a multi-host run)."""
     if config.train.export_hf:
-        export(config, policy)
+        export(config, policy, last, critic=critic)
     if jax.process_index() != 0:
         return
     summary = {k: float(v) for k, v in last.items()}

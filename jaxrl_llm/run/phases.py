@@ -46,6 +46,7 @@ class Phase:
     step_of: Callable[[Config], Callable] | None = None
     optimizers_of: Callable[[Config], list] | None = None
     rollouts: Any = None  # what samples the batches of an RL phase (`run.rollouts.Rollouts`)
+    critic: Callable[[Any], Policy] | None = None  # PPO: the trained critic, exported beside the policy
 
 
 def decay_steps(config: Config) -> int:
@@ -207,5 +208,5 @@ def ppo_phase(config: Config, policy: Policy, train_set: list[dict], eval_set: l
         lambda st: evaluator.evaluate(st.actor.model_params(), eval_set),
         tuple(c for c in (policy.config, critic_config, reward_config) if c is not None),
         step_of=step_of, optimizers_of=lambda c: [optimizer(c), optimizer(c, lr=c.optim.critic_lr)],
-        rollouts=rollouts,
+        rollouts=rollouts, critic=lambda st: Policy(critic_config, st.critic.model_params(), policy.tokenizer),
     )

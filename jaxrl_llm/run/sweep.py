@@ -471,7 +471,8 @@ class VmappedRuns:
                 row.update(befores[n])
                 results.append(self._result(n, self.run_state(state, n), row))
                 if n not in failed:
-                    outputs.finish(config, results[-1].policy, row, quiet=True, writer=writers[n])
+                    critic = self.phases[n].critic(self.run_state(state, n)) if self.phases[n].critic else None
+                    outputs.finish(config, results[-1].policy, row, quiet=True, writer=writers[n], critic=critic)
             if failed:
                 raise TrainingError("runs of the sweep stopped early: " + "; ".join(failed.values()))
             return results
