@@ -7,7 +7,7 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxrl_llm"
 # Lowest first; a module may import modules of its own layer (without cycles) or of a lower one.
 LAYERS = (
-    ("errors", "padding", "core"),
+    ("errors", "padding", "core", "compiles"),
     ("models", "tokenizer", "rewards", "state", "metrics", "checkpoint", "compare"),
     ("data",),
     ("config",),

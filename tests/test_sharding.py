@@ -150,6 +150,10 @@ def test_training_run_on_a_mesh_equals_one_device(tmp_path, mode):
     assert names and sorted(names) == sorted(n for n in sharded["metrics"] if not n.startswith(timing))
     for name in names:
         np.testing.assert_allclose(sharded["metrics"][name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    for run_dir in (tmp_path / "mesh", tmp_path / "one"):  # on the mesh and on one device, no step compiles again
+        with open(run_dir / "metrics.jsonl") as file:
+            compiles = [json.loads(line)["time/compiles"] for line in file]
+        assert len(compiles) >= 2 and compiles == [compiles[0]] * len(compiles), (run_dir, compiles)
 
 
 def _free_port() -> int:

@@ -249,6 +249,7 @@ class TrainSection:
     keep_checkpoints: int = 3
     resume: bool = False
     export_hf: bool = True  # the final model to RUN_DIR/hf (PPO's critic to RUN_DIR/critic_hf)
+    log_compiles: bool = False  # log each XLA compile and the cache miss behind it (as JAX_LOG_COMPILES=1)
     # SFT steps on the task's reference completions before an RL algorithm starts, so a random
     # tiny model can earn reward (default.yaml); at a constant learning rate after optim.warmup_steps.
     sft_warmup_steps: int = 0

@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxrl_llm import checkpoint, sharding
 from jaxrl_llm import metrics as metrics_lib
+from jaxrl_llm.compiles import CompileCounter
 from jaxrl_llm.config import Config, config_to_dict, save_config
 from jaxrl_llm.config.checks import check_model_facts
 from jaxrl_llm.errors import Terminated, TrainingError
@@ -64,6 +65,9 @@ def train(
     if saved is not None:
         resume.check_resumable(saved, config)
         config, notes = resume.keep_schedule(saved, config)
+    if config.train.log_compiles:  # each compile logged with the cache miss that caused it
+        jax.config.update("jax_log_compiles", True)
+        jax.config.update("jax_explain_cache_misses", True)
     m = config.mesh
     sharding.initialize_distributed(m.coordinator_address, m.num_processes, m.process_id)
     mesh = run_mesh(config)  # raises if the mesh does not fit the devices
@@ -151,7 +155,14 @@ def run_phase(
     resumed: tuple[Config, list[str]] | None = None,
 ) -> RunResult:
     """The step loop of one phase: resume, step, log, evaluate, checkpoint, and finish. `resumed` is
-    the saved config a resumed run compares itself with, and notes on what it kept."""
+    the saved config a resumed run compares itself with, and notes on what it kept. Each row carries
+    `time/compiles`, the programs compiled so far, which stays put after the first steps."""
+    with CompileCounter() as compiles:
+        return _phase(config, phase, policy, quiet, on_event, resumed, compiles)
+
+
+def _phase(config: Config, phase: Phase, policy: Policy, quiet: bool, on_event: Events | None,
+           resumed: tuple[Config, list[str]] | None, compiles: CompileCounter) -> RunResult:
     t = config.train
     emit = on_event or (lambda name, run_dir, step: None)
     manager = checkpoint.checkpoint_manager(os.path.join(config.run_dir, "checkpoints"), t.keep_checkpoints)
@@ -168,14 +179,14 @@ def run_phase(
     # One writer per run, however many processes; it stays open until the final plot has gone to its trackers.
     writer = outputs.metrics_writer(config, start) if jax.process_index() == 0 and start < t.total_steps else None
     try:
-        return _steps(config, phase, policy, state, step_fn, manager, start, before, writer, quiet, emit)
+        return _steps(config, phase, policy, state, step_fn, manager, start, before, writer, quiet, emit, compiles)
     finally:
         if writer is not None:
             writer.close()
 
 
 def _steps(config: Config, phase: Phase, policy: Policy, state, step_fn, manager, start: int, before: dict,
-           writer: metrics_lib.MetricsWriter | None, quiet: bool, emit: Events) -> RunResult:
+           writer: metrics_lib.MetricsWriter | None, quiet: bool, emit: Events, compiles: CompileCounter) -> RunResult:
     """Steps `start`.. of the phase, then its final evaluation, summary, plot and export."""
     t, o = config.train, config.optim
     lr_at = learning_rate_schedule(o.lr, decay_steps(config), o.schedule, o.warmup_steps)
@@ -205,6 +216,7 @@ def _steps(config: Config, phase: Phase, policy: Policy, state, step_fn, manager
                 host["tokens_per_s"] = float(batch.num_tokens()) / seconds
                 if phase.evaluate and t.eval_every and (step + 1) % t.eval_every == 0:
                     host.update(phase.evaluate(state))
+                host["time/compiles"] = float(compiles.count)
                 evaluated = any(name.startswith("eval/") for name in host)
                 row = {name: float(np.asarray(value)) for name, value in {**out, **host}.items()}
                 _finite_or_raise(step, row)
@@ -235,6 +247,8 @@ def _steps(config: Config, phase: Phase, policy: Policy, state, step_fn, manager
     if start >= t.total_steps:  # finished before (a resumed run, a reused warm start): keep its summary
         row = metrics_lib.read_summary(config.run_dir) or _last_row(config.run_dir)
     row.update(before)
+    if start < t.total_steps:  # this session's compiles, in summary.json
+        row.update({"time/compiles": float(compiles.count), "time/compile_s": compiles.seconds})
     trained = dataclasses.replace(policy, params=phase.policy_params(state))
     critic = phase.critic(state) if phase.critic else None
     outputs.finish(config, trained, row, quiet, writer, critic)

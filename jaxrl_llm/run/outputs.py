@@ -120,3 +120,5 @@ def finish(config: Config, policy: Policy, last: dict, quiet: bool,
             if name.startswith(("eval/", "reward/mean", "loss", "kl")):
                 was = summary.get(f"before/{name}")
                 print(f"  {name:28s} {summary[name]:.4g}" + ("" if was is None else f"   (before: {was:.4g})"))
+        if "time/compiles" in summary:
+            print(f"  compiled {summary['time/compiles']:.0f} XLA programs in {summary['time/compile_s']:.1f} s")

@@ -28,7 +28,7 @@ START_ONLY = ("algorithm", "model.source", "model.tiny.", "model.ref_path", "mod
               "model.lora.quantize", "model.lora.init_from")
 # What a resumed run may change without changing what it computes (besides how long it runs).
 RESUMABLE = ("run_dir", "mesh.", "train.total_steps", "train.resume", "train.eval_every", "train.log_every",
-             "train.checkpoint_every", "train.keep_checkpoints", "train.export_hf", "logging.",
+             "train.checkpoint_every", "train.keep_checkpoints", "train.export_hf", "train.log_compiles", "logging.",
              "train.grad_accum", "model.remat")
 
 
