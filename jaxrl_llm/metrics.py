@@ -59,9 +59,9 @@ class MetricsWriter:
         kept = [row for row in rows if row["step"] < start_step]
         if torn or len(kept) < len(rows):
             _replace(self.path, "".join(json.dumps(row) + "\n" for row in kept))
-        for tracker in trackers:
-            if tracker_missing(tracker):
-                raise ConfigError(tracker_missing(tracker))
+        missing = list(filter(None, map(tracker_missing, trackers)))
+        if missing:
+            raise ConfigError(missing[0])
         name = name or os.path.basename(os.path.normpath(run_dir))
         opened = {"tensorboard": _TensorBoard, "wandb": _WandB, "trackio": _Trackio}
         self._trackers = [opened[t](run_dir, project, name, config or {}, start_step) for t in trackers if t in opened]

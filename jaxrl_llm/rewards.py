@@ -84,7 +84,7 @@ def _boxed_unclosed(text: str) -> bool:
     return True
 
 
-def _require_math_verify() -> None:
+def require_math_verify() -> None:
     """Raise RewardError naming the fix when the optional math-verify package is missing."""
     try:
         import math_verify  # noqa: F401
@@ -144,7 +144,7 @@ def math_answer(prompts, completions, answer, correct=1.0, incorrect=0.0, **fiel
     intervals. Only the last MATH_TAIL_CHARS characters are read; an unclosed last `\\boxed{` (an answer
     cut off) or no readable answer scores `incorrect`. An unreadable gold answer is a data error: ValueError.
     """
-    _require_math_verify()
+    require_math_verify()
     timeout = _math_timeout()
     golds = {key: _math_gold(value, timeout) for key, value in {str(a): a for a in answer}.items()}  # once a group
     return np.asarray(

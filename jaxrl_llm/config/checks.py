@@ -9,7 +9,6 @@ belong to the chosen algorithm (`check_batch`, `check_task_fields`, `check_rewar
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import re
@@ -254,9 +253,9 @@ def _check_trackers(config: Config) -> None:
     trackers = config.logging.trackers
     if len(set(trackers)) != len(trackers):
         raise ConfigError(f"logging.trackers {list(trackers)} lists one twice; list each once.")
-    for tracker in trackers:
-        if metrics.tracker_missing(tracker):
-            raise ConfigError(metrics.tracker_missing(tracker) + " (or drop it from logging.trackers)")
+    missing = list(filter(None, map(metrics.tracker_missing, trackers)))
+    if missing:
+        raise ConfigError(missing[0] + " (or drop it from logging.trackers)")
 
 
 # ---------------------------------------------------------------- rules of one algorithm (run.registry)
@@ -345,9 +344,10 @@ def check_rewards(config: Config) -> None:
 
 def _check_math_answer(config: Config, i: int) -> None:
     """math-verify is installed, and scores on the main thread, where its timeout works."""
-    if importlib.util.find_spec("math_verify") is None:
-        raise ConfigError(f"grpo.reward_functions[{i}] is math_answer, which needs the math-verify package: "
-                          "pip install 'jaxrl_llm[math]'")
+    try:
+        rewards.require_math_verify()
+    except RewardError as error:
+        raise ConfigError(f"grpo.reward_functions[{i}]: {error}") from None
     if config.sampling.overlap:
         # Overlapped rollouts are scored on a worker thread, where math-verify's signal-based timeout is off,
         # and one answer such as \boxed{9^{9^{9}}} can keep sympy busy for good.
