@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import Result, print_table, write_result
+from benchmarks.common import Result, add_model_arguments, print_table, write_result
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", help="also write the summary row here (for python -m benchmarks)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tiny model and shapes
+    add_model_arguments(parser)  # accepted from `python -m benchmarks`; the model is always random weights
     args = parser.parse_args(argv)
     default = (lambda smoke, gpu, cpu: smoke if args.smoke else gpu if args.gpu else cpu)
     args.prompts = args.prompts or default(24, 2048, 512)

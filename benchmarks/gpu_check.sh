@@ -6,6 +6,11 @@
 #   bash benchmarks/gpu_check.sh run       # there (carry .gpu): a few GPU tests, then python -m benchmarks
 #                                          # --gpu --random-weights (--attention cudnn where its test
 #                                          # passed); logs and RESULTS.md go to $OUT
+#   ONLY=multiturn,overlap,sweep bash benchmarks/gpu_check.sh run   # a subset (RESULTS.md then unchanged)
+#
+# All of them take longer than one 10-minute call (forward through LoRA's SFT step ran in 380 s on an
+# H200 on 2026-12-04; the rest did not fit), so a session with a GPU picks up where RESULTS.md's GPU
+# section says the last one stopped.
 #
 # The GPU image has jax, flax, optax, orbax, chex, transformers, torch, accelerate and pyarrow;
 # it lacks gguf (imported by jaxrl_llm) and TRL with its datasets, dill and multiprocess.
@@ -54,7 +59,7 @@ import trl; print('trl', trl.__version__)" 2>&1 | tee -a "$out/machine.txt" || t
   fi
   echo "our attention in the benchmarks: $attention" | tee -a "$out/machine.txt"
   timeout "${BENCH_TIMEOUT:-380}" python3 -m benchmarks --gpu --random-weights --tokenizer "$KIT/tokenizer" \
-    --attention "$attention" --repeats "${REPEATS:-3}" 2>&1 | tee "$out/benchmarks.log" || true
+    --attention "$attention" --repeats "${REPEATS:-3}" ${ONLY:+--only "$ONLY"} 2>&1 | tee "$out/benchmarks.log" || true
   cp benchmarks/RESULTS.md "$out/RESULTS.md"
 }
 

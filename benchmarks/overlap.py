@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Result, print_table, write_result
+from benchmarks.common import Result, add_model_arguments, print_table, smollm2_source, write_result
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpu", action="store_true", help="the GPU preset")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--json", help="also write the summary row here (for python -m benchmarks)")
+    parser.add_argument("--repeats", type=int, help="ignored: the median is over the steps after the first two")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # the tiny default job
+    add_model_arguments(parser)
     args = parser.parse_args(argv)
     args.preset = "configs/default.yaml" if args.smoke else (
         "configs/smollm2_grpo_gpu.yaml" if args.gpu else "configs/smollm2_grpo_cpu.yaml"
@@ -46,6 +48,9 @@ def run(args, run_dir: Path, overlap: bool) -> list[dict]:
     overrides = [f"run_dir={run_dir}", f"train.total_steps={args.steps}", "train.eval_every=0", "data.eval_size=0",
                  "train.checkpoint_every=0", "train.export_hf=false", "train.sft_warmup_steps=0",
                  f"sampling.overlap={str(overlap).lower()}", "sampling.staleness=1"]
+    if args.random_weights and not args.smoke:
+        model = smollm2_source(str(run_dir.parent / "model"), args)
+        overrides += [f"model.source={model}", f"model.attention={args.attention}"]
     arrivals = []
     train(load_config(args.preset, overrides), quiet=True,
           on_event=lambda name, _, step: arrivals.append(time.perf_counter()) if name == "step" else None)

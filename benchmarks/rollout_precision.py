@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.batch = args.batch or (2 if args.smoke else 256 if args.gpu else 8)
     args.prompt_len = args.prompt_len or (8 if args.smoke else 128 if args.gpu else 32)
     args.new_tokens = args.new_tokens or (8 if args.smoke else 256 if args.gpu else 64)
-    args.dtype, args.check_tokens = "float32", 0
+    # Every weights dtype decodes with float32 compute, which cuDNN attention does not take.
+    args.dtype, args.check_tokens, args.attention = "float32", 0, "xla"
     args.device = "cuda" if args.gpu and not args.smoke else "cpu"
     return args
 

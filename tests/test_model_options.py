@@ -63,6 +63,17 @@ def test_cudnn_attention_needs_half_precision():
     assert load_config(overrides=["model.attention=cudnn", "model.dtype=bfloat16"]).model.attention == "cudnn"
 
 
+def test_auto_attention_is_cudnn_for_half_precision_on_a_gpu(monkeypatch):
+    half = ModelConfig(**TINY, dtype="bfloat16")
+    assert half.attention == "auto" and load_config().model.attention == "auto"
+    assert half.attention_kernel == ("cudnn" if ON_GPU else "xla")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert half.attention_kernel == "cudnn"
+    assert half.replace(dtype="float16").attention_kernel == "cudnn"
+    assert half.replace(dtype="float32").attention_kernel == "xla"
+    assert half.replace(attention="xla").attention_kernel == "xla"
+
+
 @pytest.mark.skipif(ON_GPU, reason="checks the error off the GPU")
 def test_cudnn_attention_off_the_gpu_names_the_fix():
     config = ModelConfig(**TINY, dtype="bfloat16", attention="cudnn")
@@ -75,7 +86,7 @@ def test_cudnn_attention_off_the_gpu_names_the_fix():
 @pytest.mark.parametrize("window", [None, 6])
 def test_cudnn_attention_matches_xla_on_gpu(window):
     """Same loss, gradients and real-token logits as the einsum attention, within bf16 rounding."""
-    xla = ModelConfig(**TINY, dtype="bfloat16", param_dtype="float32", sliding_window=window)
+    xla = ModelConfig(**TINY, dtype="bfloat16", param_dtype="float32", sliding_window=window, attention="xla")
     cudnn = xla.replace(attention="cudnn")
     params = init_params(xla, jax.random.key(1))
     tokens_BxT, mask_BxT = padded_batch(T=64)

@@ -55,7 +55,9 @@ def test_logprobs_equal_full_forward(params, config):
     out = generate(params, PROMPTS, jax.random.key(1), config, TINY)
     ref_RxN = rescore(params, out, config.temperature or 1.0)
     assert out.tokens_RxN.shape == (len(PROMPTS) * config.n, config.max_new_tokens)
-    assert np.abs(np.asarray((out.logp_RxN - ref_RxN) * out.mask_RxN)).max() <= 1e-5
+    # fp32 rounding of a different summation order: 1e-5 held on CPU, an H200 gave 1.1e-5 at log p -4.2.
+    error_RxN = np.abs(np.asarray((out.logp_RxN - ref_RxN) * out.mask_RxN))
+    assert np.all(error_RxN <= 1e-5 + 4e-6 * np.abs(np.asarray(ref_RxN))), error_RxN.max()
     assert np.all(np.asarray(out.logp_RxN) <= 0)
 
 

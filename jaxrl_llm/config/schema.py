@@ -63,8 +63,9 @@ class ModelSection:
     dtype: Literal[DTYPES] = "float32"
     param_dtype: Literal[DTYPES] = "float32"
     remat: Literal[REMAT_POLICIES] = "none"
-    # cudnn: cuDNN flash attention for training, scoring and prefill (NVIDIA GPU, bf16/fp16 dtype)
-    attention: Literal[ATTENTION_KINDS] = "xla"
+    # cudnn: cuDNN flash attention for training, scoring and prefill (NVIDIA GPU, bf16/fp16 dtype);
+    # auto: cudnn where both hold, else xla (the einsums, any backend and dtype)
+    attention: Literal[ATTENTION_KINDS] = "auto"
     ref_path: str | None = None  # None: the initial policy (model.source), i.e. π_SFT
     reward_model_path: str | None = None  # PPO's frozen RM (a run of configs/rm.yaml)
     # None: the policy's backbone with a fresh value head (seed design, verl); TRL and OpenRLHF

@@ -10,8 +10,8 @@ One attention code path serves training, prefill and decoding: queries sit at ca
 `cache_index + arange(T)`, keys at slots `arange(S)`, and a key is visible when its slot is
 valid (`kv_mask_BxS`), not after the query's slot, and inside the sliding window if any.
 Without a cache S = T and `cache_index` = 0, which is plain causal attention with padding.
-With `attention="cudnn"`, the passes where S = T (training, scoring, prefill) run the same mask
-through cuDNN's flash kernel instead.
+With the cuDNN kernel (`attention="cudnn"`, or "auto" in bf16/fp16 on a GPU), the passes where
+S = T (training, scoring, prefill) run the same mask through cuDNN's flash kernel instead.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-ATTENTION_KINDS = ("xla", "cudnn")
+ATTENTION_KINDS = ("auto", "xla", "cudnn")
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUANTIZED_NAMES = (*quantize.CODE_NAMES.values(), quantize.SCALE_NAME)
@@ -100,8 +100,8 @@ class ModelConfig:
     remat: str = "none"  # one of REMAT_POLICIES
     # "xla": softmax(q·kᵀ)·v as einsums, on any backend. "cudnn": cuDNN's fused flash attention
     # for the full-sequence passes (training, scoring, prefill) on an NVIDIA GPU in bf16/fp16;
-    # decoding steps keep the einsums.
-    attention: str = "xla"
+    # decoding steps keep the einsums. "auto": cudnn where it can run, else xla (`attention_kernel`).
+    attention: str = "auto"
     lora: LoraConfig | None = None  # adapters on the projections; None: full fine-tuning
 
     def __post_init__(self):
@@ -134,6 +134,14 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def attention_kernel(self) -> str:
+        """The kernel that runs: "auto" is cuDNN's for half-precision compute on an NVIDIA GPU (it
+        matched the einsums there and was the faster, benchmarks/RESULTS.md), else the einsums."""
+        if self.attention != "auto":
+            return self.attention
+        return "cudnn" if self.dtype != "float32" and jax.default_backend() == "gpu" else "xla"
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -382,7 +390,7 @@ class Attention(nn.Module):
 
         k_BxSxKxE, v_BxSxKxE = k_BxSxKxE.astype(dtype), v_BxSxKxE.astype(dtype)
         # With S == T the keys sit at the query slots (no cache, or a prefill filling its cache).
-        if cfg.attention == "cudnn" and k_BxSxKxE.shape[1] == q_BxTxHxE.shape[1] > 1:
+        if cfg.attention_kernel == "cudnn" and k_BxSxKxE.shape[1] == q_BxTxHxE.shape[1] > 1:
             out_BxTxHxE = _attend_cudnn(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS)
         else:
             out_BxTxHxE = _attend(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, mask_BxTxS)
