@@ -8,7 +8,9 @@
 Each benchmark runs in its own process (`python -m benchmarks.NAME --json FILE`), so one's memory
 and thread pools do not leak into the next; its detailed output streams through. Each row is the
 median of the timed repeats after a warm-up; compile time is ours only (the PyTorch side does not
-compile). A benchmark that refuses to report (the two sides disagree, TRL is missing) gets a row
+compile): XLA's seconds for the programs counted before timing. "compiles after warm-up" counts the
+programs compiled during ours' timed calls, which must be 0: a timed call that compiles is mistimed.
+A benchmark that refuses to report (the two sides disagree, TRL is missing) gets a row
 saying why. A full run (no --only) writes the table, the machine, its load and the date over the
 CPU or GPU section of benchmarks/RESULTS.md.
 """
@@ -44,7 +46,10 @@ HEADER = """# Benchmark results
 Written by `python -m benchmarks` (the CPU section) and `python -m benchmarks --gpu` (the GPU
 section); each run replaces its own section. Speeds are medians of timed repeats after a warm-up,
 ours and the baseline alternating in one process so that other load on the machine hits both
-alike; the ratio is how many times faster ours is. Compile time is ours (JAX) alone. On CPU
+alike; the ratio is how many times faster ours is. Compile time is ours (JAX) alone: XLA's
+seconds for the programs it compiled before timing (jax's compile events, counted), and "compiles
+after warm-up" the programs compiled during the timed calls, which is 0 unless something
+recompiles. On CPU
 both sides live in one process, so memory is resident-set size: for forward and generate the
 process's peak during one call and its growth in that call; for the training step each side's
 growth from loading its model to the peak of its first step (weights, AdamW state, activations,
@@ -116,18 +121,19 @@ def table_rows(results: dict[str, Result | str], gpu: bool) -> list[list[str]]:
     rows = []
     for name, r in results.items():
         if isinstance(r, str):
-            rows.append([name, r, "", "", "", goal_text(name, gpu, r), "", "", ""])
+            rows.append([name, r, "", "", "", goal_text(name, gpu, r), "", "", "", ""])
             continue
         rows.append([
             r.row, r.speed(r.ours_s), r.baseline, r.speed(r.baseline_s), f"{r.ratio:.2f}×",
             goal_text(name, gpu, r), "-" if r.compile_s is None else f"{r.compile_s:.1f}",
+            "-" if r.compiles_after_warmup is None else str(r.compiles_after_warmup),
             r.ours_memory, r.baseline_memory,
         ])
     return rows
 
 
 HEADERS = ["benchmark", "jaxrl_llm", "baseline", "baseline speed", "ratio", "goal", "compile s",
-           "memory, ours", "memory, baseline"]
+           "compiles after warm-up", "memory, ours", "memory, baseline"]
 
 
 def machine(gpu: bool) -> str:

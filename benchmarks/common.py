@@ -54,6 +54,8 @@ class Result:
     repeats: int
     notes: tuple[str, ...] = ()
     mfu: float | None = None  # ours' model FLOPs utilisation, training on a known GPU
+    # XLA compiles during ours' timed calls, after the warm-up: 0 unless something compiled again
+    compiles_after_warmup: int | None = None
 
     @property
     def ratio(self) -> float:
@@ -82,11 +84,34 @@ def gpu_peaks(device_kind: str) -> tuple[float, float] | None:
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """Seconds of the first (warm-up) call and the median of the timed repeats after it."""
+    """Seconds of the first (warm-up) call and the median of the timed repeats after it, with the
+    XLA compiles each part caused (`compiles` must be 0: a timed call that compiles is mistimed)."""
 
     first_s: float
     median_s: float
     repeats: int
+    first_compiles: Compiles
+    compiles: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiles:
+    """How many XLA programs something compiled and XLA's seconds for them."""
+
+    count: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return f"{self.count} program{'s' * (self.count != 1)}, {self.seconds:.1f} s"
+
+
+def count_compiles(fn: Callable[[], T]) -> tuple[T, Compiles]:
+    """`fn()` and the XLA compiles it caused (jax's compile events, so cache hits count none)."""
+    from jaxrl_llm.compiles import CompileCounter
+
+    with CompileCounter() as counter:
+        result = fn()
+    return result, Compiles(counter.count, counter.seconds)
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5) -> dict[str, Timing]:
@@ -95,18 +120,22 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5) -> 
     Alternating the functions makes load from other processes on a shared machine fall on all of
     them alike, so their ratio stays meaningful even when the absolute times do not.
     """
-    first_s = {name: _seconds(fn) for name, fn in fns.items()}
+    first = {name: _seconds(fn) for name, fn in fns.items()}
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    compiles = dict.fromkeys(fns, 0)
     for _ in range(repeats):
         for name, fn in fns.items():
-            samples[name].append(_seconds(fn))
-    return {name: Timing(first_s[name], statistics.median(samples[name]), repeats) for name in fns}
+            seconds, counted = _seconds(fn)
+            samples[name].append(seconds)
+            compiles[name] += counted.count
+    return {name: Timing(first[name][0], statistics.median(samples[name]), repeats, first[name][1], compiles[name])
+            for name in fns}
 
 
-def _seconds(fn: Callable[[], object]) -> float:
+def _seconds(fn: Callable[[], object]) -> tuple[float, Compiles]:
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    _, compiles = count_compiles(fn)
+    return time.perf_counter() - start, compiles
 
 
 def _proc_status_bytes(field: str) -> int:

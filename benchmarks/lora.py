@@ -221,25 +221,25 @@ def measure_sft(args, source) -> dict:
             kind: lora.bytes_of(jax.eval_shape(lambda p, kind=kind: lora.quantize_base(p, kind), params))
             for kind in ("int8", "nf4")
         }
-        return ours_sft_step(config, state, loaded["batch"], logs["lora"]), None
+        return ours_sft_step(config, state, loaded["batch"], logs["lora"])
 
     def setup_full():
         config, params = load_ours(args, source)
         state = TrainState.create(params, optimizer())
         loaded["full_bytes"], loaded["full_count"] = state_bytes(state), lora.count_params(params)
         loaded["config"] = config
-        return ours_sft_step(config, state, loaded["batch"], logs["full"]), None
+        return ours_sft_step(config, state, loaded["batch"], logs["full"])
 
     def setup_peft():
         model = peft_model(args, source, loaded["lora_config"], loaded["adapters"])
-        return peft_step(model, loaded["batch"], args, logs["peft"], memo), None
+        return peft_step(model, loaded["batch"], args, logs["peft"], memo)
 
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    sides = {}
+    sides, compiles = {}, {}
     for name, setup, peak in (("lora", setup_lora, device_peak), ("full", setup_full, device_peak),
                               ("peft", setup_peft, torch.cuda.max_memory_allocated if args.device == "cuda" else None)):
-        call, first, _, memory = footprint(setup, args, peak)
+        call, first, compiles[name], memory = footprint(setup, args, peak)
         sides[name] = (call, first, memory)
     where = "GPU" if args.device == "cuda" else f"CPU ({os.cpu_count()} threads)"
     print(f"LoRA r={RANK}, alpha {ALPHA:g} on {', '.join(TARGETS)}: {loaded['lora_count'] / 1e6:.2f}M trained "
@@ -259,7 +259,6 @@ def measure_sft(args, source) -> dict:
         sys.exit("Ours and PEFT's LoRA steps disagree; not reporting speed.")
 
     timing = time_interleaved(calls, args.repeats)
-    compile_s = {name: max(logs[name][0] - timing[name].median_s, 0.0) for name in ("lora", "full")}
     tokens = args.batch * args.length
     sizes = {"lora": loaded["lora_bytes"], "full": loaded["full_bytes"], "peft": peft_state_bytes(memo)}
     full_ref = sizes["full"]["with_reference"]
@@ -269,14 +268,15 @@ def measure_sft(args, source) -> dict:
                         ("peft", f"PEFT LoRA r={RANK} (PyTorch)")):
         b, t = sizes[name], timing[name]
         rows.append([label, format_bytes(b["sft"]), format_bytes(b["with_reference"]), share(b["with_reference"]),
-                     f"{compile_s[name]:.2f}" if name in compile_s else "-", f"{logs[name][0]:.3f}",
-                     f"{t.median_s:.3f}", f"{tokens / t.median_s:,.1f}", sides[name][2]])
+                     "-" if name == "peft" else f"{compiles[name].seconds:.2f}", f"{logs[name][0]:.3f}",
+                     f"{t.median_s:.3f}", f"{tokens / t.median_s:,.1f}", sides[name][2],
+                     "-" if name == "peft" else str(t.compiles)])
     adapter_state = sizes["lora"]["params"] + sizes["lora"]["optimizer"]
     for kind, base in loaded["quantized"].items():
         rows.append([f"  same, {kind} base (QLoRA; bytes only)", format_bytes(base + adapter_state),
-                     format_bytes(base + adapter_state), share(base + adapter_state), "", "", "", "", ""])
+                     format_bytes(base + adapter_state), share(base + adapter_state), "", "", "", "", "", ""])
     print_table(["SFT step", "state, SFT", "state, with reference", "of full's with ref", "compile s",
-                 "first call s", "median s", "tokens/s", "memory"], rows)
+                 "first call s", "median s", "tokens/s", "memory", "compiles after warm-up"], rows)
     lora_share = sizes["lora"]["with_reference"] / full_ref
     goal = (f"LoRA train state with reference {format_bytes(sizes['lora']['with_reference'])} = {lora_share:.1%} of "
             f"full fine-tuning's {format_bytes(full_ref)} (params + Adam 2x + reference copy): goal <= "
@@ -291,7 +291,8 @@ def measure_sft(args, source) -> dict:
     ratio = timing["peft"].median_s / timing["lora"].median_s
     print(f"speed ratio ours LoRA / PEFT: {ratio:.2f}x; ours LoRA / ours full fine-tuning: "
           f"{timing['full'].median_s / timing['lora'].median_s:.2f}x (median of {args.repeats}, interleaved)")
-    return dict(seconds={k: t.median_s for k, t in timing.items()}, compile_s=compile_s["lora"],
+    return dict(seconds={k: t.median_s for k, t in timing.items()}, compile_s=compiles["lora"].seconds,
+                recompiles=timing["lora"].compiles + timing["full"].compiles,
                 memory={k: side[2] for k, side in sides.items()}, goal=goal, tokens=tokens,
                 peft_version=peft.__version__, loss_note=f"step 1-2 losses ours LoRA vs PEFT within {max(errors):.1e}")
 
@@ -312,14 +313,18 @@ def grpo_iteration(ours, step: int, record: dict) -> None:
     """One iteration of the phase, its batch (generation, decode, reward) and jitted step timed apart."""
     import jax
 
+    from jaxrl_llm.compiles import CompileCounter
+
     before = settle_rss()
     reset_peak_rss()
-    start = time.perf_counter()
-    batch, host = ours.make_batch(ours.state, step)
-    middle = time.perf_counter()
-    ours.state, metrics = ours.step_fn(ours.state, batch, ours.fold_in(ours.key, step))
-    jax.device_get(metrics)
-    end = time.perf_counter()
+    with CompileCounter() as compiles:
+        start = time.perf_counter()
+        batch, host = ours.make_batch(ours.state, step)
+        middle = time.perf_counter()
+        ours.state, metrics = ours.step_fn(ours.state, batch, ours.fold_in(ours.key, step))
+        jax.device_get(metrics)
+        end = time.perf_counter()
+    record["compiles"].append(compiles.count)
     record["batch"].append(middle - start)
     record["step"].append(end - middle)
     record["iteration"].append(end - start)
@@ -358,8 +363,9 @@ def generation_pair(ours, config, args) -> dict:
     return time_interleaved({"merged": merged, "unmerged": unmerged}, args.grpo_repeats)
 
 
-def measure_grpo(args, folder: str) -> tuple[str, ...]:
-    """GRPO with LoRA beside full fine-tuning, then merged vs unmerged generation; returns the notes."""
+def measure_grpo(args, folder: str) -> tuple[tuple[str, ...], int]:
+    """GRPO with LoRA beside full fine-tuning, then merged vs unmerged generation; returns the notes
+    and the compiles after each side's first iteration and generation call."""
     from benchmarks.grpo_iteration import OURS_LOG, Ours, memory_text
     from jaxrl_llm.models.lora import bytes_of
 
@@ -368,7 +374,8 @@ def measure_grpo(args, folder: str) -> tuple[str, ...]:
     OURS_LOG.clear()
     sides = {name: Ours(config) for name, config in configs.items()}
     sizes = {name: bytes_of(ours.state) for name, ours in sides.items()}
-    records = {name: {"batch": [], "step": [], "iteration": [], "tokens": [], "memory": []} for name in sides}
+    records = {name: {"batch": [], "step": [], "iteration": [], "tokens": [], "memory": [], "compiles": []}
+               for name in sides}
     print(f"\nGRPO iteration, P={P} prompts x G={G} samples x N={N} tokens, {'bf16' if args.gpu else 'fp32'}, "
           f"LoRA r={RANK} alpha {ALPHA:g} vs full fine-tuning; {1 + args.grpo_repeats} iterations each, alternating")
     for step in range(1 + args.grpo_repeats):
@@ -410,9 +417,11 @@ def measure_grpo(args, folder: str) -> tuple[str, ...]:
         f"LoRA generation: merged once per call {timing['merged'].median_s:.2f} s, unmerged "
         f"{timing['unmerged'].median_s:.2f} s ({faster} {speedup:.2f}x faster)",
     )
+    recompiles = sum(sum(r["compiles"][1:]) for r in records.values()) + sum(t.compiles for t in timing.values())
+    notes += (f"compiles after the first iteration (GRPO) and the first call (generation): {recompiles}",)
     for note in notes:
         print(note)
-    return notes
+    return notes, recompiles
 
 
 def grpo_folder(args, folder: str, source) -> str:
@@ -440,7 +449,8 @@ def measure(args) -> Result:
     with tempfile.TemporaryDirectory() as folder, tempfile.TemporaryDirectory() as hf_folder:
         source = smollm2_source(folder, args)
         sft = measure_sft(args, None if args.smoke else source)
-        grpo_notes = () if args.no_grpo else measure_grpo(args, grpo_folder(args, hf_folder, source))
+        grpo_notes, grpo_recompiles = ((), 0) if args.no_grpo else measure_grpo(
+            args, grpo_folder(args, hf_folder, source))
     precision = "bf16" if args.gpu else "fp32"
     return Result(
         row=f"LoRA r={RANK} SFT step, batch {args.batch} × {args.length}, {precision}",
@@ -449,6 +459,7 @@ def measure(args) -> Result:
         ours_memory=sft["memory"]["lora"], baseline_memory=sft["memory"]["peft"], repeats=args.repeats,
         notes=(sft["goal"], f"ours full fine-tuning SFT step {sft['seconds']['full']:.2f} s vs LoRA "
                f"{sft['seconds']['lora']:.2f} s; {sft['loss_note']}", *grpo_notes),
+        compiles_after_warmup=sft["recompiles"] + grpo_recompiles,
     )
 
 

@@ -40,8 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run(args, run_dir: Path, overlap: bool) -> list[dict]:
-    """Metrics rows of `--steps` steps of the preset, each with the wall time it arrived at."""
+def run(args, run_dir: Path, overlap: bool) -> tuple[list[dict], dict]:
+    """Metrics rows of `--steps` steps of the preset, each with the wall time it arrived at, and the
+    run's summary."""
     from jaxrl_llm.config import load_config
     from jaxrl_llm.run import train
 
@@ -52,18 +53,18 @@ def run(args, run_dir: Path, overlap: bool) -> list[dict]:
         model = smollm2_source(str(run_dir.parent / "model"), args)
         overrides += [f"model.source={model}", f"model.attention={args.attention}"]
     arrivals = []
-    train(load_config(args.preset, overrides), quiet=True,
-          on_event=lambda name, _, step: arrivals.append(time.perf_counter()) if name == "step" else None)
+    result = train(load_config(args.preset, overrides), quiet=True,
+                   on_event=lambda name, _, step: arrivals.append(time.perf_counter()) if name == "step" else None)
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     for row, arrived in zip(rows, arrivals):
         row["arrived"] = arrived
-    return rows
+    return rows, result.metrics
 
 
 def measure(args: argparse.Namespace) -> Result:
     with tempfile.TemporaryDirectory() as folder:
-        sync = run(args, Path(folder) / "sync", overlap=False)
-        overlapped = run(args, Path(folder) / "overlap", overlap=True)
+        sync, sync_summary = run(args, Path(folder) / "sync", overlap=False)
+        overlapped, summary = run(args, Path(folder) / "overlap", overlap=True)
     iteration = lambda rows: float(np.median(np.diff([r["arrived"] for r in rows])[1:]))
     sync_s, overlap_s = iteration(sync), iteration(overlapped)
     generation = float(np.median([r["time/generation"] for r in sync[2:]]))
@@ -74,10 +75,18 @@ def measure(args: argparse.Namespace) -> Result:
     ])
     print(f"overlap / synchronous: {sync_s / overlap_s:.2f}x faster; floor max(generation, train) = "
           f"{max(generation, training):.2f} s, at most {sync_s / max(generation, training):.2f}x")
+    # The medians are of the steps after the second: no program may compile in them.
+    recompiles = {name: int(rows[-1]["time/compiles"] - rows[1]["time/compiles"])
+                  for name, rows in (("synchronous", sync), ("overlapped", overlapped))}
+    print(f"compiles: synchronous {sync_summary['time/compiles']:.0f} programs in "
+          f"{sync_summary['time/compile_s']:.1f} s, "
+          f"overlapped {summary['time/compiles']:.0f} in {summary['time/compile_s']:.1f} s; after the second "
+          f"step {recompiles['synchronous']} and {recompiles['overlapped']}")
     return Result(
         row=f"GRPO iteration, {Path(args.preset).stem}, overlapped rollouts (staleness 1)",
-        baseline="the synchronous run", ours_s=overlap_s, baseline_s=sync_s, work=0, unit="s", compile_s=None,
-        ours_memory="-", baseline_memory="-", repeats=len(sync) - 2,
+        baseline="the synchronous run", ours_s=overlap_s, baseline_s=sync_s, work=0, unit="s",
+        compile_s=summary["time/compile_s"], ours_memory="-", baseline_memory="-", repeats=len(sync) - 2,
+        compiles_after_warmup=recompiles["overlapped"],
     )
 
 

@@ -18,12 +18,13 @@ The row: our int8 against our bf16 (goal 1.6×).
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 import warnings
 
 import numpy as np
 
-from benchmarks.common import Result, add_model_arguments, print_table, time_interleaved, write_result
+from benchmarks.common import Result, add_model_arguments, count_compiles, print_table, time_interleaved, write_result
 from benchmarks.generate import cpu_read_bandwidth, hf_generate, load_models, ours_sampler
 
 DTYPES = ("float32", "bfloat16", "int8")
@@ -90,14 +91,15 @@ def measure(args: argparse.Namespace) -> Result:
     tokens_BxP = np.random.default_rng(0).integers(0, config.vocab_size, size=(B, P))
     sampling = SamplingConfig(max_new_tokens=N, temperature=1.0, bucketing=Bucketing("multiple", P))
     bandwidth = None if args.gpu else cpu_read_bandwidth(sum(x.nbytes for x in jax.tree.leaves(params)), B)
-    rows, seconds, compile_s = [], {}, {}
+    rows, seconds, compiles, recompiles = [], {}, {}, {}
     for weights_dtype in DTYPES:
         jax.block_until_ready(rollout_weights(params, config, weights_dtype))  # compile the cast
         start = time.perf_counter()
-        copy = jax.block_until_ready(rollout_weights(params, config, weights_dtype))
+        copy, cast_compiles = count_compiles(functools.partial(rollout_weights, params, config, weights_dtype))
+        jax.block_until_ready(copy)
         cast_s = time.perf_counter() - start
         copy_config = rollout_config(config, weights_dtype)
-        run, compile_s[weights_dtype], _ = ours_sampler(copy_config, copy, tokens_BxP, sampling)
+        run, compiles[weights_dtype], _ = ours_sampler(copy_config, copy, tokens_BxP, sampling)
         theirs = hf_in(hf, weights_dtype, args.device)
         seeds = iter(range(1, 10**6))
         sides = {"ours": lambda run=run, seeds=seeds: run(next(seeds))}
@@ -105,6 +107,7 @@ def measure(args: argparse.Namespace) -> Result:
             sides["transformers"] = lambda theirs=theirs: hf_generate(theirs, tokens_BxP, N, sample=True)
         timings = time_interleaved(sides, args.repeats)
         seconds[weights_dtype] = timings["ours"].median_s
+        recompiles[weights_dtype] = cast_compiles.count + timings["ours"].compiles
         floor = roofline_s(copy_config, copy, args, bandwidth) if bandwidth else None
         hf_rate = B * N / timings["transformers"].median_s if theirs is not None else None
         rows.append([
@@ -112,9 +115,10 @@ def measure(args: argparse.Namespace) -> Result:
             "-" if hf_rate is None else f"{B * N / seconds[weights_dtype] / hf_rate:.2f}×",
             "-" if floor is None else f"{floor / seconds[weights_dtype]:.0%}",
             f"{sum(x.nbytes for x in jax.tree.leaves(copy)) / 2**20:,.0f} MiB", f"{cast_s:.2f}",
+            f"{compiles[weights_dtype].seconds:.1f}", str(recompiles[weights_dtype]),
         ])
     print_table(["rollout weights", "ours new tok/s", "transformers new tok/s", "ratio", "of roofline",
-                 "weights", "cast s (once a step)"], rows)
+                 "weights", "cast s (once a step)", "compile s", "compiles after warm-up"], rows)
     if bandwidth:
         print(f"roofline: weights and KV cache read once per new token at {bandwidth / 1e9:.1f} GB/s "
               "(measured now); whole call, prefill included")
@@ -123,8 +127,8 @@ def measure(args: argparse.Namespace) -> Result:
     return Result(
         row=f"rollout int8 copy, batch {B}, prompt {P}, {N} new tokens", baseline="our bf16 copy",
         ours_s=seconds["int8"], baseline_s=seconds["bfloat16"], work=B * N, unit="new tok/s",
-        compile_s=compile_s["int8"], ours_memory="-", baseline_memory="-", repeats=args.repeats,
-        notes=tuple(" | ".join(row) for row in rows),
+        compile_s=compiles["int8"].seconds, ours_memory="-", baseline_memory="-", repeats=args.repeats,
+        notes=tuple(" | ".join(row) for row in rows), compiles_after_warmup=sum(recompiles.values()),
     )
 
 

@@ -26,13 +26,14 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 from benchmarks.common import (
+    Compiles,
     Result,
     add_model_arguments,
+    count_compiles,
     format_bytes,
     gpu_peaks,
     hf_model,
@@ -101,7 +102,7 @@ def load_torch(args: argparse.Namespace, source):
 
 
 def ours_step(config, params, batch: dict):
-    """(fn() -> loss of the step it runs, compile seconds): our SFT step, jitted, state donated."""
+    """fn() -> loss of the step it runs: our SFT step, compiled ahead, state donated."""
     import jax
 
     from jaxrl_llm.algorithms.batches import SequenceBatch
@@ -114,15 +115,13 @@ def ours_step(config, params, batch: dict):
     state = [TrainState.create(params, tx)]
     batch = jax.device_put(SequenceBatch(batch["tokens"], batch["mask"], batch["completion_mask"]))
     key = jax.random.key(0)
-    start = time.perf_counter()
     compiled = jax.jit(make_sft_step(config), donate_argnums=0).lower(state[0], batch, key).compile()
-    compile_s = time.perf_counter() - start
 
     def call() -> float:
         state[0], metrics = compiled(state[0], batch, key)
         return float(metrics["loss"])
 
-    return call, compile_s
+    return call
 
 
 def torch_step(model, batch: dict, args: argparse.Namespace, memo: dict | None = None):
@@ -182,15 +181,17 @@ def mfu(config, num_params: int, args, seconds: dict[str, float]) -> tuple[dict 
 
 
 def footprint(setup, args: argparse.Namespace, device_peak):
-    """(step fn, its first loss, compile seconds or None, memory text) of one side: CPU memory is the
-    RSS growth from before `setup` (loading, optimizer state, compiling) to the first step's peak."""
+    """(step fn, its first loss, the XLA compiles of setup and first step, memory text) of one side:
+    CPU memory is the RSS growth from before `setup` (loading, optimizer state, compiling) to the
+    first step's peak."""
     before = settle_rss()
-    call, compile_s = setup()
+    call, setup_compiles = count_compiles(setup)
     reset_peak_rss()
-    loss = call()
+    loss, first_compiles = count_compiles(call)
+    compiles = Compiles(setup_compiles.count + first_compiles.count, setup_compiles.seconds + first_compiles.seconds)
     if args.device == "cuda":
-        return call, loss, compile_s, f"{format_bytes(device_peak())} device peak"
-    return call, loss, compile_s, f"+{format_bytes(peak_rss_bytes() - before)} RSS, load to 1st step"
+        return call, loss, compiles, f"{format_bytes(device_peak())} device peak"
+    return call, loss, compiles, f"+{format_bytes(peak_rss_bytes() - before)} RSS, load to 1st step"
 
 
 def measure(args: argparse.Namespace, source=None) -> Result:
@@ -214,9 +215,9 @@ def measure(args: argparse.Namespace, source=None) -> Result:
 
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    ours, first_ours, compile_s, ours_memory = footprint(setup_ours, args, jax_device_peak_bytes)
+    ours, first_ours, compiles, ours_memory = footprint(setup_ours, args, jax_device_peak_bytes)
     theirs, first_theirs, _, torch_memory = footprint(
-        lambda: (torch_step(load_torch(args, source), loaded["batch"], args), None), args,
+        lambda: torch_step(load_torch(args, source), loaded["batch"], args), args,
         torch.cuda.max_memory_allocated,
     )
     config, num_params = loaded["ours"][0], loaded["params"]
@@ -240,7 +241,7 @@ def measure(args: argparse.Namespace, source=None) -> Result:
         ["train step", "compile s", "first call s", "median s", "tokens/s", "memory"],
         [[name, compile_text, f"{t.first_s:.3f}", f"{t.median_s:.3f}", f"{tokens / t.median_s:,.1f}", mem]
          for name, compile_text, t, mem in (
-             ("jaxrl_llm (jit)", f"{compile_s:.2f}", timing["ours"], memory[0]),
+             ("jaxrl_llm (jit)", f"{compiles.seconds:.2f}", timing["ours"], memory[0]),
              ("PyTorch (transformers)", "-", timing["torch"], memory[1]),
          )],
     )
@@ -249,12 +250,14 @@ def measure(args: argparse.Namespace, source=None) -> Result:
         print(note)
     print(f"speed ratio ours / PyTorch: {seconds['torch'] / seconds['ours']:.2f}x "
           f"(median of {args.repeats}, interleaved)")
+    print(f"ours compiled {compiles} up to its first step, {timing['ours'].compiles} in the timed steps")
     precision = "bf16" if args.gpu else "fp32"
     return Result(
         row=f"train step (SFT, AdamW), batch {args.batch} × {args.length}, {precision}",
         baseline="PyTorch + transformers", ours_s=seconds["ours"], baseline_s=seconds["torch"],
-        work=tokens, unit="tok/s", compile_s=compile_s, ours_memory=memory[0],
+        work=tokens, unit="tok/s", compile_s=compiles.seconds, ours_memory=memory[0],
         baseline_memory=memory[1], repeats=args.repeats, notes=notes, mfu=util and util["ours"],
+        compiles_after_warmup=timing["ours"].compiles,
     )
 
 

@@ -26,6 +26,7 @@ def test_train_step_smoke_agrees_with_torch():
     args = train_step.parse_args(["--smoke", "--repeats", "1"])
     result = train_step.measure(args)  # exits when the two steps' losses differ by more than 1e-4
     assert result.work == 2 * 32 and result.unit == "tok/s" and result.ours_s > 0 and result.baseline_s > 0
+    assert result.compiles_after_warmup == 0 and result.compile_s > 0
 
 
 def test_lora_smoke_agrees_with_peft():
@@ -33,7 +34,7 @@ def test_lora_smoke_agrees_with_peft():
 
     args = lora.parse_args(["--smoke", "--repeats", "1", "--no-grpo"])
     result = lora.measure(args)  # exits when our LoRA step's loss and PEFT's differ by more than 1e-4
-    assert result.ours_s > 0 and result.baseline_s > 0
+    assert result.ours_s > 0 and result.baseline_s > 0 and result.compiles_after_warmup == 0
 
 
 def test_multiturn_smoke_samples_the_same_conversations_both_ways():
@@ -41,6 +42,22 @@ def test_multiturn_smoke_samples_the_same_conversations_both_ways():
 
     result = multiturn.measure(multiturn.parse_args(["--smoke", "--repeats", "1"]))  # exits when they differ
     assert result.work == 2 * 4 * 6 and result.ours_s > 0 and result.baseline_s > 0
+    assert result.compiles_after_warmup == 0
+
+
+def test_timing_counts_the_compiles_of_each_call():
+    import jax
+
+    from benchmarks.common import time_interleaved
+
+    double = jax.jit(lambda x: x * 2)
+    sizes = iter(range(4, 100))
+    timings = time_interleaved({
+        "steady": lambda: double(np.ones(3)).block_until_ready(),
+        "growing": lambda: double(np.ones(next(sizes))).block_until_ready(),  # a new shape, a new program
+    }, repeats=3)
+    assert timings["steady"].first_compiles.count == timings["growing"].first_compiles.count == 1
+    assert timings["steady"].compiles == 0 and timings["growing"].compiles == 3
 
 
 def test_runner_replaces_only_its_section(tmp_path):

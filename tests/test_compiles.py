@@ -1,6 +1,6 @@
 """Every jitted program compiles once per shape bucket: after a run's first step (and the evaluation
-before it), later steps and evaluations compile nothing, for each algorithm; repeated sampler calls in
-one bucket compile nothing."""
+before it), later steps and evaluations compile nothing, for each algorithm and for a vmapped sweep;
+repeated sampler calls in one bucket compile nothing."""
 
 import json
 import os
@@ -11,8 +11,9 @@ import pytest
 
 from jaxrl_llm.compiles import CompileCounter
 from jaxrl_llm.config import load_config
+from jaxrl_llm.config.sweeps import load_sweep
 from jaxrl_llm.models.load import export_hf, init_scalar_params_from_lm
-from jaxrl_llm.run import train
+from jaxrl_llm.run import train, train_sweep
 from jaxrl_llm.run.policy import load_policy
 from jaxrl_llm.sampling import SamplingConfig, generate
 
@@ -63,3 +64,17 @@ def test_repeated_sampler_calls_in_one_bucket_compile_nothing():
             out = generate(policy.params, [p[::-1] for p in prompts], jax.random.key(seed), sampling, policy.config)
             np.asarray(out.tokens_RxN)
     assert compiles.count == 0, compiles.programs
+
+
+def test_a_vmapped_sweep_compiles_nothing_after_its_first_step(tmp_path):
+    sweep = load_sweep(os.path.join(ROOT, "configs", "grpo.yaml"),
+                       [*TINY, *RL, f"run_dir={tmp_path}", "sweep.seed=[0,1]", "sweep.optim.lr=[1e-5,3e-5]"])
+    result = train_sweep(sweep, quiet=True)
+    assert len(result.runs) == 4
+    for run in result.runs:
+        counts = compile_counts(run.run_dir)
+        # Step 0 samples each run alone (the run axis does not exist before the state is stacked around
+        # the traced step); step 1 compiles the vmapped sampler. Nothing compiles after that.
+        assert len(counts) == 4 and 0 < counts[0] < counts[1]
+        assert counts[1:] == [counts[1]] * 3, counts
+        assert run.metrics["time/compiles"] >= counts[-1] and run.metrics["time/compile_s"] > 0

@@ -27,6 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrl_llm import checkpoint, compare, sharding
 from jaxrl_llm import metrics as metrics_lib
+from jaxrl_llm.compiles import CompileCounter
 from jaxrl_llm.config import Config, config_to_dict, save_config
 from jaxrl_llm.config.checks import check_model_facts
 from jaxrl_llm.config.loading import _flat
@@ -366,6 +367,12 @@ class VmappedRuns:
     # ---- the loop
 
     def run(self, quiet: bool, on_event: Events | None, resumed: list) -> list[RunResult]:
+        """Every run's steps; each row carries `time/compiles`, the programs compiled so far, as a
+        single run's does."""
+        with CompileCounter() as compiles:
+            return self._run(quiet, on_event, resumed, compiles)
+
+    def _run(self, quiet: bool, on_event: Events | None, resumed: list, compiles: CompileCounter) -> list[RunResult]:
         configs, phases, N = self.configs, self.phases, self.N
         t = configs[0].train
         emit = on_event or (lambda name, run_dir, step: None)
@@ -430,6 +437,7 @@ class VmappedRuns:
                             host["tokens_per_s"] = _num_tokens(batch, n) / (seconds + host.get("time/generation", 0.0))
                             if evaluate:
                                 host.update(self.evaluate(state, n))
+                            host["time/compiles"] = float(compiles.count)
                             row = {name: float(np.asarray(value))
                                    for name, value in {**_run_row(out, n), **host}.items()}
                             try:
@@ -469,6 +477,7 @@ class VmappedRuns:
                 if phases[n].evaluate and n not in failed:
                     row.update(self.evaluate(state, n))
                 row.update(befores[n])
+                row.update({"time/compiles": float(compiles.count), "time/compile_s": compiles.seconds})
                 results.append(self._result(n, self.run_state(state, n), row))
                 if n not in failed:
                     critic = self.phases[n].critic(self.run_state(state, n)) if self.phases[n].critic else None
