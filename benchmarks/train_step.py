@@ -30,7 +30,6 @@ import tempfile
 import numpy as np
 
 from benchmarks.common import (
-    Compiles,
     Result,
     add_model_arguments,
     count_compiles,
@@ -185,10 +184,13 @@ def footprint(setup, args: argparse.Namespace, device_peak):
     CPU memory is the RSS growth from before `setup` (loading, optimizer state, compiling) to the
     first step's peak."""
     before = settle_rss()
-    call, setup_compiles = count_compiles(setup)
-    reset_peak_rss()
-    loss, first_compiles = count_compiles(call)
-    compiles = Compiles(setup_compiles.count + first_compiles.count, setup_compiles.seconds + first_compiles.seconds)
+
+    def setup_and_first_step():
+        call = setup()
+        reset_peak_rss()
+        return call, call()
+
+    (call, loss), compiles = count_compiles(setup_and_first_step)
     if args.device == "cuda":
         return call, loss, compiles, f"{format_bytes(device_peak())} device peak"
     return call, loss, compiles, f"+{format_bytes(peak_rss_bytes() - before)} RSS, load to 1st step"
