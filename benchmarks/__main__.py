@@ -52,8 +52,9 @@ after warm-up" the programs compiled during the timed calls, which is 0 unless s
 recompiles. On CPU
 both sides live in one process, so memory is resident-set size: for forward and generate the
 process's peak during one call and its growth in that call; for the training step each side's
-growth from loading its model to the peak of its first step (weights, AdamW state, activations,
-and for ours the compiled step); for GRPO the peak during an iteration and the largest growth in
+growth from loading its model to the peak of its second step (weights, AdamW state, activations,
+and for ours the compiled step; the second, because torch.optim creates AdamW's moments in its
+first step, after the backward freed the activations, which later steps' peaks hold together); for GRPO the peak during an iteration and the largest growth in
 one (ours' first iteration compiles). On a GPU, each allocator's peak. Each benchmark first checks
 that both sides computed the same thing and reports no speed otherwise; `python -m
 benchmarks.NAME` prints those checks and the details behind a row.

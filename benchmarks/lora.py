@@ -18,7 +18,8 @@ rank 16, alpha 32 (scale 2), no dropout, on all seven projections (q, k, v, o, g
    disagree. Train-state bytes are the trained params, the optimizer state and a frozen base
    counted once; "with reference" adds what an RL algorithm's KL term needs: a second copy of the
    params in full fine-tuning, nothing with LoRA (the base with the adapters off is the reference).
-   Memory on CPU is each side's RSS growth from before loading its model to its first step's peak.
+   Memory on CPU is each side's RSS growth from before loading its model to its second step's
+   peak (torch.optim creates AdamW's moments during the first; see benchmarks.train_step).
 2. GRPO iteration (`benchmarks.grpo_iteration`'s config and the trainer's own `grpo_phase`), LoRA
    (model.lora.rank=16, model.lora.alpha=32) beside full fine-tuning, alternating: the phase's
    batch (generation with the adapters applied unmerged, decode, reward) and its jitted
@@ -239,8 +240,8 @@ def measure_sft(args, source) -> dict:
     sides, compiles = {}, {}
     for name, setup, peak in (("lora", setup_lora, device_peak), ("full", setup_full, device_peak),
                               ("peft", setup_peft, torch.cuda.max_memory_allocated if args.device == "cuda" else None)):
-        call, first, compiles[name], memory = footprint(setup, args, peak)
-        sides[name] = (call, first, memory)
+        call, two_losses, compiles[name], memory = footprint(setup, args, peak)
+        sides[name] = (call, two_losses, memory)
     where = "GPU" if args.device == "cuda" else f"CPU ({os.cpu_count()} threads)"
     print(f"LoRA r={RANK}, alpha {ALPHA:g} on {', '.join(TARGETS)}: {loaded['lora_count'] / 1e6:.2f}M trained "
           f"params of {loaded['full_count'] / 1e6:.1f}M; SFT step batch {args.batch} x {args.length}, "
@@ -248,7 +249,7 @@ def measure_sft(args, source) -> dict:
           f"peft {peft.__version__}, torch {torch.__version__}, jax {jax.__version__}")
 
     calls = {name: side[0] for name, side in sides.items()}
-    losses = [{name: side[1] for name, side in sides.items()}, {name: fn() for name, fn in calls.items()}]
+    losses = [{name: side[1][i] for name, side in sides.items()} for i in range(2)]
     errors = [abs(step["lora"] - step["peft"]) / abs(step["peft"]) for step in losses]
     for i, (step, error) in enumerate(zip(losses, errors), 1):
         print(f"step {i} loss: ours LoRA {step['lora']:.6f}, PEFT {step['peft']:.6f}, relative difference "
