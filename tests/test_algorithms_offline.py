@@ -14,6 +14,8 @@ from jaxrl_llm.config import DPOSection
 from jaxrl_llm.models.transformer import ModelConfig, Transformer, init_params, positions_from_mask
 from jaxrl_llm.state import TrainState, make_optimizer
 
+pytestmark = pytest.mark.usefixtures("xla_disk_cache")  # see conftest.py
+
 CONFIG = ModelConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
     num_kv_heads=2, head_dim=8, tie_word_embeddings=True,

@@ -14,6 +14,8 @@ from jaxrl_llm.models.transformer import ModelConfig, init_params
 from jaxrl_llm.run import check, train
 from jaxrl_llm.sampling import SamplingConfig, generate, generate_continuous
 
+pytestmark = pytest.mark.usefixtures("xla_disk_cache")  # see conftest.py
+
 CONFIG = ModelConfig(
     vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
     max_position_embeddings=128,

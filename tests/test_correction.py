@@ -14,6 +14,8 @@ from jaxrl_llm.models.transformer import init_params
 from jaxrl_llm.sampling import SamplingConfig, generate
 from tests.test_grpo import CONFIG, G, fresh_state, rollout
 
+pytestmark = pytest.mark.usefixtures("xla_disk_cache")  # see conftest.py
+
 
 @pytest.fixture(scope="module")
 def params():

@@ -15,6 +15,8 @@ from jaxrl_llm.run.loop import train
 from jaxrl_llm.run.multiturn import EnvFactory, conversation_batch
 from jaxrl_llm.run.policy import load_policy
 
+pytestmark = pytest.mark.usefixtures("xla_disk_cache")  # see conftest.py
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = [*TINY, "data.batch_size=8", "grpo.group_size=4", "train.sft_warmup_steps=2", "train.sft_warmup_batch_size=4",
          "train.eval_every=2", "train.checkpoint_every=1", "data.eval_size=4", "train.export_hf=false"]

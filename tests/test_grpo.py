@@ -16,6 +16,8 @@ from jaxrl_llm.models.transformer import ModelConfig, Transformer, init_params, 
 from jaxrl_llm.sampling import SamplingConfig, generate
 from jaxrl_llm.state import TrainState, make_optimizer
 
+pytestmark = pytest.mark.usefixtures("xla_disk_cache")  # see conftest.py
+
 CONFIG = ModelConfig(
     vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
     num_kv_heads=2, head_dim=8, tie_word_embeddings=True,

@@ -21,6 +21,8 @@ from jaxrl_llm.models.transformer import LoraConfig, ModelConfig, Transformer, i
 from jaxrl_llm.sampling import SamplingConfig, generate
 from jaxrl_llm.state import TrainState, make_optimizer
 
+pytestmark = pytest.mark.usefixtures("xla_disk_cache")  # see conftest.py
+
 BASE = ModelConfig(
     vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
     head_dim=16, initializer_range=0.2, max_position_embeddings=64,

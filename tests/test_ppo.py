@@ -16,6 +16,8 @@ from jaxrl_llm.models.transformer import init_params
 from jaxrl_llm.sampling import SamplingConfig, generate
 from jaxrl_llm.state import TrainState, make_optimizer
 
+pytestmark = pytest.mark.usefixtures("xla_disk_cache")  # see conftest.py
+
 
 def make_state(params, value_params, ref_params, reward_params, kl_coef=0.1, lr=1e-2):
     actor = TrainState.create(params, make_optimizer(lr, 100))

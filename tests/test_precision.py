@@ -18,6 +18,8 @@ from jaxrl_llm.run import train
 from jaxrl_llm.sampling import SamplingConfig, generate
 from tests.test_lora import BASE, CONFIG, logits, trained_adapters
 
+pytestmark = pytest.mark.usefixtures("xla_disk_cache")  # see conftest.py
+
 GAUSSIAN = BASE.replace(initializer_range=0.02)  # weights as initialised, so quantisation errors are typical
 
 

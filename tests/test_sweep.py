@@ -28,6 +28,8 @@ from jaxrl_llm.run import train, train_sweep
 from jaxrl_llm.run.sweep import _replace_path, group_by_structure
 from jaxrl_llm.state import TrainState, make_optimizer
 
+pytestmark = pytest.mark.usefixtures("xla_disk_cache")  # see conftest.py
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PRESETS = os.path.join(os.path.dirname(HERE), "configs")
 # Small GRPO: a 2-step warm start, then 3 steps of 4 prompts x 4 answers, evaluated twice.

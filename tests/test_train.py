@@ -26,6 +26,8 @@ from jaxrl_llm.run.policy import load_policy
 from jaxrl_llm.run.registry import ALGORITHMS
 from jaxrl_llm.run.sweep import train_runs
 
+pytestmark = pytest.mark.usefixtures("xla_disk_cache")  # see conftest.py
+
 SFT_FIELDS = ALGORITHMS["sft"].fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
