@@ -49,13 +49,13 @@ ours and the baseline alternating in one process so that other load on the machi
 alike; the ratio is how many times faster ours is. Compile time is ours (JAX) alone: XLA's
 seconds for the programs it compiled before timing (jax's compile events, counted), and "compiles
 after warm-up" the programs compiled during the timed calls, which is 0 unless something
-recompiles. On CPU
-both sides live in one process, so memory is resident-set size: for forward and generate the
-process's peak during one call and its growth in that call; for the training step each side's
-growth from loading its model to the peak of its second step (weights, AdamW state, activations,
-and for ours the compiled step; the second, because torch.optim creates AdamW's moments in its
-first step, after the backward freed the activations, which later steps' peaks hold together); for GRPO the peak during an iteration and the largest growth in
-one (ours' first iteration compiles). On a GPU, each allocator's peak. Each benchmark first checks
+recompiles. On CPU both sides live in one process, so memory is resident-set size: for forward
+and generate the process's peak during one call and its growth in that call; for the training step
+each side's growth from loading its model to the peak of its second step (weights, AdamW state,
+activations, and for ours the compiled step; the second, because torch.optim creates AdamW's
+moments in its first step, after the backward freed the activations, which later steps' peaks
+hold together); for GRPO the peak during an iteration and the largest growth in one (ours' first
+iteration compiles). On a GPU, each allocator's peak. Each benchmark first checks
 that both sides computed the same thing and reports no speed otherwise; `python -m
 benchmarks.NAME` prints those checks and the details behind a row.
 """
