@@ -8,8 +8,8 @@ CDF of its (truncated) next-token distribution; sample j of prompt i sits at row
 samples depend only on (key, r, its prompt), so `n` samples of each prompt equal the same prompts
 repeated n times (each copy at the same row) with n = 1 and the same key.
 
-Speed: the prefill runs the model's scanned layers once over the B prompts; the decode loop runs
-them unrolled over per-layer weight copies (`models.transformer.decode_step`) and stops as soon
+Speed: the prefill runs the layers once over the B prompts and the decode loop once per token, both
+unrolled over per-layer weight copies (`models.transformer.decode_step`); the loop stops as soon
 as every row has emitted a stop token.
 """
 
@@ -29,7 +29,6 @@ from jaxrl_llm.models.transformer import (
     DTYPES,
     Cache,
     ModelConfig,
-    Transformer,
     constrain_layer_cache,
     decode_step,
     init_cache,
@@ -214,16 +213,18 @@ def per_layer(cache: Cache, num_layers: int) -> list[Cache]:
     return [jax.tree.map(operator.itemgetter(i), cache) for i in range(num_layers)]
 
 
-def prefill(params, tokens_BxP, mask_BxP, model_config: ModelConfig, cache_dtype):
+def prefill(params, layers, tokens_BxP, mask_BxP, model_config: ModelConfig, cache_dtype):
     """(logits_BxV at each prompt's last real token, per-layer caches [B,P,K,E]) in one pass."""
     B, P = tokens_BxP.shape
-    hidden_BxPxD, cache = Transformer(model_config).apply(
-        {"params": params}, tokens_BxP, positions_from_mask(mask_BxP), mask_BxP,
-        cache=init_cache(model_config, B, P, cache_dtype), return_hidden=True,
+    # Over the per-layer weights, like the decode steps: scanning the stacked weights makes XLA
+    # CPU copy a bf16 stack to fp32 every call (it slices 16-bit floats in fp32).
+    hidden_BxPxD, caches = decode_step(
+        params, layers, tokens_BxP, positions_from_mask(mask_BxP), mask_BxP,
+        per_layer(init_cache(model_config, B, P, cache_dtype), model_config.num_layers), 0, model_config,
     )
     last_B = P - 1 - jnp.argmax(mask_BxP[:, ::-1], axis=-1)
     hidden_BxD = jnp.take_along_axis(hidden_BxPxD, last_B[:, None, None], axis=1)[:, 0]
-    return lm_logits(params, hidden_BxD, model_config), per_layer(cache, model_config.num_layers)
+    return lm_logits(params, hidden_BxD, model_config), caches
 
 
 def _emit(state: _DecodeState, logits_RxV, row_keys_R, stops, config: SamplingConfig):
@@ -260,8 +261,8 @@ def _generate(params, tokens_BxP, mask_BxP, key, config: SamplingConfig, model_c
 def _decode(params, tokens_BxP, mask_BxP, key, config: SamplingConfig, model_config: ModelConfig):
     """Prefill, then the decode loop until every row stopped or N tokens (traced by `_generate`)."""
     n, N, P = config.n, config.max_new_tokens, tokens_BxP.shape[1]
-    logits_BxV, prompt_caches = prefill(params, tokens_BxP, mask_BxP, model_config, config.cache_dtype)
     layers = unstack_layers(params, model_config)
+    logits_BxV, prompt_caches = prefill(params, layers, tokens_BxP, mask_BxP, model_config, config.cache_dtype)
     mask_RxP = jnp.repeat(mask_BxP, n, axis=0)
     R = mask_RxP.shape[0]
     kv_mask_RxS = jnp.concatenate([mask_RxP, jnp.ones((R, N), jnp.int32)], axis=1)

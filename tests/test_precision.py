@@ -80,18 +80,21 @@ def test_lora_and_qlora_policies_become_one_plain_model(kind):
     np.testing.assert_array_equal(logits(copy, rollout_config(CONFIG, "bfloat16")), logits(cast, bf16))
 
 
-@pytest.mark.parametrize("weights_dtype", ["bfloat16", "int8"])
-def test_the_sampler_scores_the_copy_it_decodes(fp32, weights_dtype):
+@pytest.mark.parametrize("weights_dtype, tied", [("bfloat16", False), ("int8", False), ("bfloat16", True)])
+def test_the_sampler_scores_the_copy_it_decodes(fp32, weights_dtype, tied):
     # The sampler's log-probs are the copy's own (against the copy's full forward pass); against
-    # the fp32 trainer they differ: that gap is what `core.correction` measures.
-    copy, config = rollout_weights(fp32, GAUSSIAN, weights_dtype), rollout_config(GAUSSIAN, weights_dtype)
+    # the fp32 trainer they differ: that gap is what `core.correction` measures. A tied bf16 head
+    # and token lookup take their own paths in the sampler (`transformer.lm_logits`, `embedding_rows`).
+    base = GAUSSIAN.replace(tie_word_embeddings=tied)
+    fp32 = init_params(base, jax.random.key(1)) if tied else fp32
+    copy, config = rollout_weights(fp32, base, weights_dtype), rollout_config(base, weights_dtype)
     sampling = SamplingConfig(max_new_tokens=8, n=2)
     out = generate(copy, [[5, 17, 3], [9, 8, 7, 6, 5]], jax.random.key(3), sampling, config)
     tokens = np.concatenate([out.prompt_tokens_RxP, out.tokens_RxN], 1)
     mask = np.concatenate([out.prompt_mask_RxP, out.mask_RxN], 1)
     P = out.prompt_tokens_RxP.shape[1]
     own = np.asarray(score_tokens(copy, config, tokens, mask))[:, P:] * out.mask_RxN
-    trainer = np.asarray(score_tokens(fp32, GAUSSIAN, tokens, mask))[:, P:] * out.mask_RxN
+    trainer = np.asarray(score_tokens(fp32, base, tokens, mask))[:, P:] * out.mask_RxN
     sampled = np.asarray(out.logp_RxN) * out.mask_RxN
     np.testing.assert_allclose(sampled, own, atol=0.02)  # bf16 rounding of two evaluation orders
     assert np.abs(sampled - trainer).max() > 1e-4

@@ -6,7 +6,8 @@ merged and quantised kernels dequantised (a sampler needs neither), then
 - bfloat16: every weight cast to bf16, computed in bf16 (matmuls accumulate in fp32);
 - int8: weight-only int8 projection kernels with one fp32 scale per output channel (absmax over
   the kernel's last contracted axis: per head for o_proj), the embedding and norms in bf16; a
-  kernel is dequantised to bf16 inside the matmul that reads it (`transformer.Projection`).
+  kernel is dequantised to bf16 inside the matmul that reads it (`transformer.Projection`); XLA
+  hoists that out of a decode loop, which then reads bf16 (docs/rollouts.md).
 The sampler's log-probs then differ from the trainer's: `core.correction` measures and corrects it.
 """
 

@@ -550,6 +550,11 @@ def lm_head_weight(params: dict, config: ModelConfig) -> jax.Array:
 
 def lm_logits(params: dict, hidden_BxD: jax.Array, config: ModelConfig) -> jax.Array:
     """Logits [B,V] in fp32 from final-normed hidden states."""
+    if config.tie_word_embeddings and hidden_BxD.dtype.itemsize == 2:
+        # The embedding as the left operand: XLA CPU runs a bf16 matmul contracting the right
+        # operand's minor axis in fp32, over an fp32 copy of the whole table made every call.
+        embedding_VxD = params["embed"]["embedding"].astype(hidden_BxD.dtype)
+        return jnp.einsum("vd,bd->bv", embedding_VxD, hidden_BxD, preferred_element_type=jnp.float32)
     head_DxV = lm_head_weight(params, config).astype(hidden_BxD.dtype)
     return jnp.einsum("bd,dv->bv", hidden_BxD, head_DxV, preferred_element_type=jnp.float32)
 
@@ -561,13 +566,23 @@ def unstack_layers(params: dict, config: ModelConfig) -> list[dict]:
     return [jax.tree.map(operator.itemgetter(i), params["layers"]) for i in range(config.num_layers)]
 
 
+def embedding_rows(embedding_VxD: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
+    """The embedding's rows for `tokens_BxT` [B,T,D]."""
+    if embedding_VxD.dtype.itemsize != 2:  # fp32 (int8 tables are not gathered here)
+        return jnp.take(embedding_VxD, tokens_BxT, axis=0)
+    # A 16-bit float table is gathered as its bits: XLA CPU gathers bf16 from an fp32 copy of the
+    # whole table, made on every call.
+    bits_VxD = jax.lax.bitcast_convert_type(embedding_VxD, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jnp.take(bits_VxD, tokens_BxT, axis=0), embedding_VxD.dtype)
+
+
 def decode_step(
     params: dict, layers: list[dict], tokens_BxT, positions_BxT, kv_mask_BxS, caches: list[Cache],
     cache_index, config: ModelConfig,
 ) -> tuple[jax.Array, list[Cache]]:
     """`Transformer(config)(..., return_hidden=True)` unrolled over `unstack_layers` and one KV cache
     {"k","v"} [B,S,K,E] per layer: the sampler's step (the same layers, norms and masks)."""
-    x_BxTxD = jnp.take(params["embed"]["embedding"], tokens_BxT, axis=0).astype(config.dtype)
+    x_BxTxD = embedding_rows(params["embed"]["embedding"], tokens_BxT).astype(config.dtype)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("batch", "length", "embed"))
     cos_BxTxE, sin_BxTxE, mask_BxTxS = layer_inputs(
         positions_BxT, kv_mask_BxS, cache_index, tokens_BxT.shape[1], config
