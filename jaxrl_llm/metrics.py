@@ -9,6 +9,7 @@ import json
 import math
 import os
 import secrets
+import warnings
 from typing import Iterable
 
 import numpy as np
@@ -73,15 +74,24 @@ class MetricsWriter:
         row = {name: _to_float(value) for name, value in metrics.items()}
         self._file.write(json.dumps({"step": int(step), **row}) + "\n")
         self._file.flush()
-        for tracker in self._trackers:
-            tracker.log(int(step), row)
+        self._send(lambda tracker: tracker.log(int(step), row), f"step {int(step)}")
         self._last_step = int(step)
         return row
 
     def add_plot(self, path: str) -> None:
         """Send the run's plot (a PNG) to the trackers, at the last step logged."""
-        for tracker in self._trackers:
-            tracker.image("plot", path, max(self._last_step, 0))
+        self._send(lambda tracker: tracker.image("plot", path, max(self._last_step, 0)), "the plot")
+
+    def _send(self, send, what: str) -> None:
+        """`send` to every tracker; one that fails is warned of and dropped, and the run goes on
+        (metrics.jsonl, written first, holds every row)."""
+        for tracker in list(self._trackers):
+            try:
+                send(tracker)
+            except Exception as error:  # a tracker's service or disk, not the run, failed
+                self._trackers.remove(tracker)
+                warnings.warn(f"logging: {type(tracker).__name__.strip('_')} failed on {what} ({error!r}); the run "
+                              "goes on without it, and metrics.jsonl keeps every row.", RuntimeWarning, stacklevel=3)
 
     def close(self) -> None:
         """Close the file and finish every tracker's run; closing twice does nothing."""
@@ -130,8 +140,14 @@ class _WandB:
             _replace(ids_path, json.dumps(ids))
         self.wandb = wandb
         # create_new: a sweep holds one W&B run per run of it in this process.
-        self.run = wandb.init(project=project, name=name, dir=run_dir, config=config, id=ids["wandb"],
-                              resume="allow", reinit="create_new")
+        try:
+            self.run = wandb.init(project=project, name=name, dir=run_dir, config=config, id=ids["wandb"],
+                                  resume="allow", reinit="create_new")
+        except wandb.errors.UsageError as error:  # no login, in a process that cannot ask for one
+            raise ConfigError(
+                f"logging.trackers lists wandb, which could not start a run: {error} Log in (`wandb login`, or "
+                "WANDB_API_KEY), or set WANDB_MODE=offline to keep the run under RUN_DIR/wandb for `wandb sync`."
+            ) from error
 
     def log(self, step: int, row: dict) -> None:
         self.run.log(row, step=step)

@@ -5,11 +5,13 @@ import glob
 import json
 import os
 import sys
+import warnings
 
 import pytest
 
 from jaxrl_llm.config import load_config
 from jaxrl_llm.errors import ConfigError
+from jaxrl_llm.metrics import MetricsWriter
 from jaxrl_llm.run import train
 from jaxrl_llm.run.sweep import _checked
 
@@ -107,6 +109,40 @@ def test_a_missing_tracker_package_names_the_extra_before_anything_runs(tmp_path
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ConfigError, match=r"needs the wandb package: pip install 'jaxrl_llm\[wandb\]'"):
         sft(tmp_path, "logging.trackers=[jsonl,wandb]")
+
+
+def test_wandb_without_a_login_stops_the_run_before_it_trains(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc holding a key
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    import wandb
+
+    wandb.teardown()  # W&B keeps the settings of an earlier run in this process (offline, above)
+    with pytest.raises(ConfigError, match=r"lists wandb, which could not start a run: .*WANDB_MODE=offline"):
+        train(sft(tmp_path / "run", "logging.trackers=[jsonl,wandb]"), quiet=True)
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+    assert not glob.glob(str(tmp_path / "run" / "checkpoints" / "*"))
+
+
+def test_a_tracker_failing_mid_run_is_dropped_and_the_rows_kept(tmp_path):
+    writer = MetricsWriter(str(tmp_path), trackers=("jsonl", "tensorboard"))
+    tensorboard = writer._trackers[0]
+    writer.write(0, {"loss": 1.0})
+
+    def unreachable(step, row):
+        raise ConnectionError("the service went away")
+
+    tensorboard.log = unreachable
+    with pytest.warns(RuntimeWarning, match=r"TensorBoard failed on step 1 .*the service went away"):
+        writer.write(1, {"loss": 0.5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the tracker is gone
+        writer.write(2, {"loss": 0.25})
+    writer.close()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert rows == [{"step": 0, "loss": 1.0}, {"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
 
 
 def test_trackers_refused_or_renamed_with_a_clear_message(tmp_path):

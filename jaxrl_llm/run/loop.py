@@ -174,11 +174,13 @@ def _phase(config: Config, phase: Phase, policy: Policy, quiet: bool, on_event: 
     # it is (a warm start), leaves the saved config as it was.
     if jax.process_index() == 0 and start < t.total_steps:
         save_config(config, os.path.join(config.run_dir, "config.yaml"))
-    if phase.evaluate and t.eval_every and start == 0:
-        before = {f"before/{k}": float(v) for k, v in phase.evaluate(state).items()}
-    # One writer per run, however many processes; it stays open until the final plot has gone to its trackers.
+    # One writer per run, however many processes; it stays open until the final plot has gone to its
+    # trackers. Opened before anything compiles, so that a tracker refusing to start (W&B without a
+    # login) stops the run at once.
     writer = outputs.metrics_writer(config, start) if jax.process_index() == 0 and start < t.total_steps else None
     try:
+        if phase.evaluate and t.eval_every and start == 0:
+            before = {f"before/{k}": float(v) for k, v in phase.evaluate(state).items()}
         return _steps(config, phase, policy, state, step_fn, manager, start, before, writer, quiet, emit, compiles)
     finally:
         if writer is not None:

@@ -388,19 +388,19 @@ class VmappedRuns:
         if start >= t.total_steps:  # finished before (a reused warm start): its summaries and trained policies
             return [self._result(n, self.treedef.unflatten(self.leaves[n]), metrics_lib.read_summary(c.run_dir))
                     for n, c in enumerate(configs)]
-        batch, hosts = self.make_batch(None, start)
-        keys_of = lambda s: jnp.stack([jax.random.fold_in(stream_key(c.seed, STEP), s) for c in configs])
-        self.compile(batch, keys_of(start)[0])
-        state = self.state
         for n, config in enumerate(configs):
-            if resumed[n] is not None and start < t.total_steps:
+            if resumed[n] is not None:
                 resume.warn_of_changes(*resumed[n], config)
-            if start < t.total_steps:
-                save_config(config, os.path.join(config.run_dir, "config.yaml"))
-        if t.eval_every and start == 0 and phases[0].evaluate:
-            befores = [{f"before/{k}": float(v) for k, v in self.evaluate(state, n).items()} for n in range(N)]
+            save_config(config, os.path.join(config.run_dir, "config.yaml"))
+        # Opened before anything compiles, so that a tracker refusing to start stops the sweep at once.
         writers = [outputs.metrics_writer(c, start) for c in configs]
         try:
+            batch, hosts = self.make_batch(None, start)
+            keys_of = lambda s: jnp.stack([jax.random.fold_in(stream_key(c.seed, STEP), s) for c in configs])
+            self.compile(batch, keys_of(start)[0])
+            state = self.state
+            if t.eval_every and start == 0 and phases[0].evaluate:
+                befores = [{f"before/{k}": float(v) for k, v in self.evaluate(state, n).items()} for n in range(N)]
             lrs = [learning_rate_schedule(c.optim.lr, decay_steps(c), c.optim.schedule, c.optim.warmup_steps)
                    for c in configs]
             meta = lambda n, s: {"step": s, "algorithm": configs[n].algorithm, "config": config_to_dict(configs[n]),
