@@ -568,7 +568,7 @@ def unstack_layers(params: dict, config: ModelConfig) -> list[dict]:
 
 def embedding_rows(embedding_VxD: jax.Array, tokens_BxT: jax.Array) -> jax.Array:
     """The embedding's rows for `tokens_BxT` [B,T,D]."""
-    if embedding_VxD.dtype.itemsize != 2:  # fp32 (int8 tables are not gathered here)
+    if embedding_VxD.dtype.itemsize != 2:
         return jnp.take(embedding_VxD, tokens_BxT, axis=0)
     # A 16-bit float table is gathered as its bits: XLA CPU gathers bf16 from an fp32 copy of the
     # whole table, made on every call.
