@@ -73,3 +73,17 @@ def test_a_sharded_export_round_trips_through_transformers(tmp_path):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
     export_hf(params, tmp_path, config)  # one file again: the shards and their index go
     assert sorted(name for name in os.listdir(tmp_path) if name.startswith("model")) == ["model.safetensors"]
+
+
+def test_a_lora_ppo_runs_critic_exports_from_its_checkpoint(tmp_path):
+    # The checkpoint holds the critic's adapters and head; the export grows its frozen trunk again.
+    config = lambda name, *more: load_config(os.path.join(ROOT, "configs", f"{name}.yaml"), [
+        *TINY, "model.source=tiny", f"run_dir={tmp_path / name}", "train.total_steps=1", "train.eval_every=0", *more])
+    train(config("rm"), quiet=True)
+    ppo = train(config("ppo", f"model.reward_model_path={tmp_path / 'rm' / 'hf'}", "model.lora.rank=4",
+                       "ppo.epochs=1", "ppo.num_minibatches=1", "data.max_completion_len=8"), quiet=True)
+    exported = export_run(ppo.run_dir, out=str(tmp_path / "again"))
+    run_critic, again_critic = tensors(tmp_path / "ppo" / "critic_hf"), tensors(os.path.join(exported, "critic_hf"))
+    assert run_critic.keys() == again_critic.keys() and "score.weight" in run_critic
+    for name, array in run_critic.items():
+        np.testing.assert_array_equal(again_critic[name], array, err_msg=name)

@@ -68,12 +68,20 @@ def run_models(run_dir: str, step: int | None = None) -> tuple[Policy, Policy | 
     warm = os.path.join(run_dir, "sft_warmup")
     start = _trained_policy(own, warm) if own.model.lora.rank and is_run_dir(warm) else load_policy(own)
     params = trained["params"]
-    if start.config.lora is not None:
-        params = lora.combine(lora_base(own, start), params)
+    base = lora_base(own, start) if start.config.lora is not None else None
+    if base is not None:
+        params = lora.combine(base, params)
     critic = None
-    if "critic" in state and not own.model.lora.rank:  # a LoRA critic's frozen trunk is not in the checkpoint
-        critic_config = load_scalar(own, own.model.critic_path).config if own.model.critic_path else start.config
-        critic = Policy(critic_config, state["critic"]["params"], start.tokenizer)
+    if "critic" in state:
+        critic_params = state["critic"]["params"]
+        if own.model.critic_path:
+            loaded = load_scalar(own, own.model.critic_path)
+            critic_config, trunk = loaded.config.replace(lora=start.config.lora), loaded.params["model"]
+        else:  # grown from the policy's (base) backbone, as `run.phases.ppo_phase` does
+            critic_config, trunk = start.config, {k: v for k, v in (base or {}).items() if k != "lm_head"}
+        if critic_config.lora is not None:  # the checkpoint holds the adapters and head, not the frozen trunk
+            critic_params = lora.combine({"model": trunk}, critic_params)
+        critic = Policy(critic_config, critic_params, start.tokenizer)
     return dataclasses.replace(start, params=params), critic
 
 
