@@ -246,10 +246,14 @@ def load_scalar_model(
     return LoadedModel(config, params, ckpt.tokenizer, ScalarModel(config))
 
 
+def lm_backbone(lm_params: dict) -> dict:
+    """An LM's params without its lm_head: the `model` part of a ScalarModel grown from it."""
+    return {name: tree for name, tree in lm_params.items() if name != "lm_head"}
+
+
 def init_scalar_params_from_lm(lm_params: dict, key: jax.Array, config: ModelConfig) -> dict:
     """ScalarModel params from an LM's: its backbone (lm_head dropped) and a fresh head."""
-    backbone = {name: tree for name, tree in lm_params.items() if name != "lm_head"}
-    return {"model": backbone, "head": _fresh_head(config, key)}
+    return {"model": lm_backbone(lm_params), "head": _fresh_head(config, key)}
 
 
 @functools.partial(jax.jit, static_argnames="config")

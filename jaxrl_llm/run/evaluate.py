@@ -12,6 +12,7 @@ from jaxrl_llm import checkpoint
 from jaxrl_llm.config import Config, load_config
 from jaxrl_llm.errors import ConfigError, TrainingError
 from jaxrl_llm.models import lora, peft
+from jaxrl_llm.models.load import lm_backbone
 from jaxrl_llm.run.examples import prepare_examples
 from jaxrl_llm.run.multiturn import rollouts_of
 from jaxrl_llm.run.policy import Policy, load_policy, load_scalar, lora_base
@@ -77,10 +78,10 @@ def run_models(run_dir: str, step: int | None = None) -> tuple[Policy, Policy | 
         if own.model.critic_path:
             loaded = load_scalar(own, own.model.critic_path)
             critic_config, trunk = loaded.config.replace(lora=start.config.lora), loaded.params["model"]
-        else:  # grown from the policy's (base) backbone, as `run.phases.ppo_phase` does
-            critic_config, trunk = start.config, {k: v for k, v in (base or {}).items() if k != "lm_head"}
+        else:  # grown from the policy's base, as `run.phases.ppo_phase` does
+            critic_config, trunk = start.config, base
         if critic_config.lora is not None:  # the checkpoint holds the adapters and head, not the frozen trunk
-            critic_params = lora.combine({"model": trunk}, critic_params)
+            critic_params = lora.combine({"model": lm_backbone(trunk)}, critic_params)
         critic = Policy(critic_config, critic_params, start.tokenizer)
     return dataclasses.replace(start, params=params), critic
 
